@@ -1,0 +1,190 @@
+"""Where bytes live: local folders and S3 (AWS or any S3-compatible endpoint), one vocabulary for both.
+
+Credentials follow the standard AWS chain (environment, shared config, instance profile) through boto3; the
+same resolved credentials are handed to pyarrow and deltalake so every client talks to the same store. An
+endpoint override (``AWS_ENDPOINT_URL`` or ``PHOTOLENS_S3_ENDPOINT``) points everything at an S3-compatible store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+DEFAULT_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: ``s3://bucket/key`` or a local path (``file://`` accepted)."""
+
+    scheme: str  # "s3" | "file"
+    bucket: str  # "" for local paths
+    path: str  # key prefix for s3 (no leading slash), absolute path for local
+
+    @classmethod
+    def parse(cls, uri: str) -> Location:
+        if uri.startswith("s3://"):
+            parsed = urlparse(uri)
+            if not parsed.netloc:
+                raise ValueError(f"{uri!r}: an S3 URI needs a bucket, like s3://bucket/prefix")
+            return cls("s3", parsed.netloc, parsed.path.lstrip("/"))
+        if uri.startswith("file://"):
+            uri = uri[len("file://") :]
+        if "://" in uri:
+            raise ValueError(f"{uri!r}: only local paths and s3:// URIs are supported")
+        return cls("file", "", str(Path(uri).expanduser().resolve()))
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.path}" if self.is_s3 else self.path
+
+    @property
+    def fs_path(self) -> str:
+        """The path as pyarrow filesystems spell it (``bucket/key`` for S3)."""
+        return f"{self.bucket}/{self.path}".rstrip("/") if self.is_s3 else self.path
+
+    def join(self, *parts: str) -> Location:
+        tail = "/".join(p.strip("/") for p in parts if p)
+        if not tail:
+            return self
+        base = self.path.rstrip("/")
+        return Location(self.scheme, self.bucket, f"{base}/{tail}" if base else tail)
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    return Location.parse(uri).join(*parts).uri
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Resolved S3 connection settings; picklable, so Ray workers rebuild the same clients."""
+
+    endpoint_url: str | None
+    region: str
+    access_key: str | None
+    secret_key: str | None
+    session_token: str | None
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        endpoint = os.environ.get("PHOTOLENS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+        access = secret = token = None
+        import boto3
+
+        creds = boto3.Session().get_credentials()
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            access, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+        return cls(endpoint, region, access, secret, token)
+
+    def boto3_client(self, max_attempts: int = 1, connect_timeout: float = 10, read_timeout: float = 60) -> Any:
+        """A boto3 S3 client. Retries default to one attempt: callers classify and retry themselves."""
+        import boto3
+        import botocore.config
+
+        config = botocore.config.Config(
+            s3={"addressing_style": "path"} if self.endpoint_url else {},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=32,
+        )
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            aws_session_token=self.session_token,
+            config=config,
+        )
+
+    def pyarrow_fs(self) -> pafs.S3FileSystem:
+        kwargs: dict[str, Any] = {"region": self.region}
+        if self.access_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key, session_token=self.session_token)
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+        return pafs.S3FileSystem(**kwargs)
+
+    def delta_options(self) -> dict[str, str]:
+        opts = {"AWS_REGION": self.region}
+        if self.access_key:
+            opts["AWS_ACCESS_KEY_ID"] = self.access_key
+            opts["AWS_SECRET_ACCESS_KEY"] = self.secret_key or ""
+        if self.session_token:
+            opts["AWS_SESSION_TOKEN"] = self.session_token
+        if self.endpoint_url:
+            opts["AWS_ENDPOINT_URL"] = self.endpoint_url
+            if self.endpoint_url.startswith("http://"):
+                opts["AWS_ALLOW_HTTP"] = "true"
+        return opts
+
+
+@cache
+def _default_s3() -> S3Settings:
+    return S3Settings.from_env()
+
+
+def s3_settings() -> S3Settings:
+    return _default_s3()
+
+
+def reset_s3_settings() -> None:
+    """Forget cached settings (tests and the demo change the environment)."""
+    _default_s3.cache_clear()
+
+
+def filesystem_for(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it."""
+    loc = Location.parse(uri)
+    if loc.is_s3:
+        return (s3 or s3_settings()).pyarrow_fs(), loc.fs_path
+    return pafs.LocalFileSystem(), loc.path
+
+
+def delta_storage_options(uri: str, s3: S3Settings | None = None) -> dict[str, str] | None:
+    return (s3 or s3_settings()).delta_options() if Location.parse(uri).is_s3 else None
+
+
+def read_bytes(uri: str, s3: S3Settings | None = None) -> bytes:
+    fs, path = filesystem_for(uri, s3)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes, s3: S3Settings | None = None) -> None:
+    """Write a small object so readers see the old or the new content, never a torn one.
+
+    S3 PUTs are atomic per object; on a local filesystem we write a temp file and rename it.
+    """
+    fs, path = filesystem_for(uri, s3)
+    loc = Location.parse(uri)
+    if loc.is_s3:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def exists(uri: str, s3: S3Settings | None = None) -> bool:
+    fs, path = filesystem_for(uri, s3)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound

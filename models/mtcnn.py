@@ -1,0 +1,595 @@
+"""MTCNN face detector (P-Net → R-Net → O-Net cascade) in torch, batched over images of any size.
+
+The three networks mirror the layer layout of facenet-pytorch 2.6.0 so that its published state dicts
+(`facenet_pytorch/data/{pnet,rnet,onet}.pt`, MIT) load with ``strict=True``; the package itself is never
+imported (its pins conflict with our stack and it returns ``None`` for "no faces" under numpy 2).
+
+Cascade, as in Zhang et al. 2016 and facenet-pytorch, with three deliberate differences:
+
+* every image of a batch runs through one P-Net call per pyramid level: the levels of images of
+  different sizes are zero-padded to a common canvas and the padding is masked out of the net (see
+  :meth:`PNet.forward`), so a batch gives the same faces as one image at a time;
+* all resampling (pyramid levels and the 24/48 px crops) is an exact area average computed from an
+  integer summed-area table, i.e. what ``F.interpolate(mode="area")`` computes, but for all crops of an
+  image in one gather instead of one call per box;
+* crops that cross the image border are zero-padded (as in the original MTCNN) rather than clipped
+  and stretched, so points and boxes of faces cut by the frame keep their geometry.
+
+Coordinates are continuous pixel-edge coordinates: pixel (row i, column j) covers [j, j+1) x [i, i+1);
+a box is (x0, y0, x1, y1) with x1/y1 exclusive. Boxes are not clipped to the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+__all__ = ["MTCNN", "DetectorSettings", "FaceDetections", "ONet", "PNet", "RNet"]
+
+MODEL_NAME = "mtcnn"
+MODEL_VERSION = "facenet-pytorch-2.6.0"
+
+# The nets were trained on pixels mapped to [-1, 1) this way (facenet-pytorch / original Caffe models).
+_PIXEL_MEAN = 127.5
+_PIXEL_SCALE = 0.0078125
+# Activations after P-Net's first PReLU stay within a few tens for inputs in [-1, 1]; this value
+# loses every max-pool comparison against them, which is what ceil_mode does with a partial window.
+_MASK_VALUE = -1.0e4
+_PNET_CELL = 12
+_PNET_STRIDE = 2
+
+
+class PNet(nn.Module):
+    """Proposal net: fully convolutional, 12x12 window, stride 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
+        self.prelu1 = nn.PReLU(10)
+        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(10, 16, kernel_size=3)
+        self.prelu2 = nn.PReLU(16)
+        self.conv3 = nn.Conv2d(16, 32, kernel_size=3)
+        self.prelu3 = nn.PReLU(32)
+        self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
+        self.softmax4_1 = nn.Softmax(dim=1)
+        self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, valid_hw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (box regression (B,4,h,w), face probability (B,2,h,w)).
+
+        ``valid_hw`` (B,2) gives each image's real height/width inside a zero-padded canvas. The
+        only layer where padding could leak into real output cells is the ceil-mode max pool (its last
+        window is partial on an image of odd size but full on the canvas), so the padded part of that
+        layer's input is pushed to a value that never wins the max. Cells whose receptive field
+        reaches into the padding are garbage and must be dropped by the caller.
+        """
+        x = self.prelu1(self.conv1(x))
+        if valid_hw is not None:
+            rows = torch.arange(x.shape[2], device=x.device)
+            cols = torch.arange(x.shape[3], device=x.device)
+            # conv1 (3x3, no padding) shrinks each side by 2.
+            row_ok = rows[None, :] < (valid_hw[:, 0:1] - 2)
+            col_ok = cols[None, :] < (valid_hw[:, 1:2] - 2)
+            keep = row_ok[:, None, :, None] & col_ok[:, None, None, :]
+            x = x.masked_fill(~keep, _MASK_VALUE)
+        x = self.pool1(x)
+        x = self.prelu2(self.conv2(x))
+        x = self.prelu3(self.conv3(x))
+        return self.conv4_2(x), self.softmax4_1(self.conv4_1(x))
+
+
+class RNet(nn.Module):
+    """Refinement net on 24x24 crops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 28, kernel_size=3)
+        self.prelu1 = nn.PReLU(28)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(28, 48, kernel_size=3)
+        self.prelu2 = nn.PReLU(48)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(48, 64, kernel_size=2)
+        self.prelu3 = nn.PReLU(64)
+        self.dense4 = nn.Linear(576, 128)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5_1 = nn.Linear(128, 2)
+        self.softmax5_1 = nn.Softmax(dim=1)
+        self.dense5_2 = nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (box regression (B,4), face probability (B,2))."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu3(self.conv3(x))
+        # The dense weights were converted from Caffe, which flattens (W, H, C)-major.
+        x = x.permute(0, 3, 2, 1).contiguous()
+        x = self.prelu4(self.dense4(x.view(x.shape[0], -1)))
+        return self.dense5_2(x), self.softmax5_1(self.dense5_1(x))
+
+
+class ONet(nn.Module):
+    """Output net on 48x48 crops: box regression, 5 landmarks, face probability."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
+        self.prelu1 = nn.PReLU(32)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
+        self.prelu2 = nn.PReLU(64)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(64, 64, kernel_size=3)
+        self.prelu3 = nn.PReLU(64)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4 = nn.Conv2d(64, 128, kernel_size=2)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5 = nn.Linear(1152, 256)
+        self.prelu5 = nn.PReLU(256)
+        self.dense6_1 = nn.Linear(256, 2)
+        self.softmax6_1 = nn.Softmax(dim=1)
+        self.dense6_2 = nn.Linear(256, 4)
+        self.dense6_3 = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (box regression (B,4), landmarks (B,10: x1..x5, y1..y5 in [0,1]), probability (B,2))."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x))
+        x = x.permute(0, 3, 2, 1).contiguous()
+        x = self.prelu5(self.dense5(x.view(x.shape[0], -1)))
+        return self.dense6_2(x), self.dense6_3(x), self.softmax6_1(self.dense6_1(x))
+
+
+@dataclass(frozen=True)
+class FaceDetections:
+    """Faces of one image, best score first. Never ``None``: no face gives arrays with 0 rows.
+
+    boxes (n,4) float32 x0,y0,x1,y1; scores (n,) float32; points (n,5,2) float32 (x, y) in the order
+    left eye, right eye, nose, mouth left, mouth right ("left" = smaller x in a frontal face).
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    points: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @classmethod
+    def empty(cls) -> FaceDetections:
+        return cls(
+            boxes=np.zeros((0, 4), np.float32),
+            scores=np.zeros((0,), np.float32),
+            points=np.zeros((0, 5, 2), np.float32),
+        )
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Cascade parameters. Defaults are facenet-pytorch's; NMS overlaps are the original MTCNN's."""
+
+    min_face_size: int = 20
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    factor: float = 0.709
+    nms_pnet_level: float = 0.5
+    nms_pnet_image: float = 0.7
+    nms_rnet: float = 0.7
+    # O-Net overlap is intersection over the smaller box: drops a box lying inside a bigger face.
+    nms_onet_min: float = 0.7
+    # Canvas pixels per P-Net call; bounds memory (P-Net's first layer holds 10 floats per pixel).
+    max_pnet_pixels: int = 8_000_000
+    # Crops per R-Net / O-Net call.
+    max_crops: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.min_face_size < 1:
+            raise ValueError(f"min_face_size must be >= 1, got {self.min_face_size}")
+        if not 0.0 < self.factor < 1.0:
+            raise ValueError(f"factor must be in (0, 1), got {self.factor}")
+        if len(self.thresholds) != 3 or not all(0.0 <= t <= 1.0 for t in self.thresholds):
+            raise ValueError(f"thresholds must be three probabilities, got {self.thresholds}")
+
+
+def _load_state(net: nn.Module, path: str | Path) -> nn.Module:
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact area resampling from a summed-area table.
+
+
+def _integral(image: torch.Tensor) -> torch.Tensor:
+    """(H,W,3) uint8 → (H+1,W+1,3) int64 summed-area table (exact: no float rounding)."""
+    h, w, c = image.shape
+    table = torch.zeros((h + 1, w + 1, c), dtype=torch.int64, device=image.device)
+    table[1:, 1:] = image.to(torch.int64).cumsum(0).cumsum(1)
+    return table
+
+
+def _bins(start: torch.Tensor, length: torch.Tensor, out: int, limit: int) -> tuple[torch.Tensor, ...]:
+    """Area bins of ``adaptive_avg_pool`` along one axis for n windows.
+
+    start, length: (n,) int64. Bin k covers [floor(k*L/out), ceil((k+1)*L/out)) of the window.
+    Returns lower/upper indices into the summed-area table clamped to the image (outside counts as
+    zero: zero padding) and the unclamped bin sizes (the divisors).
+    """
+    k = torch.arange(out, device=start.device, dtype=torch.int64)
+    lo = (k[None, :] * length[:, None]) // out
+    hi = -((-(k[None, :] + 1) * length[:, None]) // out)
+    size = hi - lo
+    lo = (lo + start[:, None]).clamp(0, limit)
+    hi = (hi + start[:, None]).clamp(0, limit)
+    return lo, hi, size
+
+
+def _area_resample(
+    table: torch.Tensor,
+    *,
+    y0: torch.Tensor,
+    x0: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    out_h: int,
+    out_w: int,
+) -> torch.Tensor:
+    """Area-average n windows (y0, x0, h, w; int64 (n,)) of one image to (n,3,out_h,out_w) float32,
+    normalised for the nets."""
+    H = table.shape[0] - 1
+    W = table.shape[1] - 1
+    ylo, yhi, ysz = _bins(y0, h, out_h, H)
+    xlo, xhi, xsz = _bins(x0, w, out_w, W)
+    ylo, yhi = ylo[:, :, None], yhi[:, :, None]
+    xlo, xhi = xlo[:, None, :], xhi[:, None, :]
+    total = table[yhi, xhi] - table[ylo, xhi] - table[yhi, xlo] + table[ylo, xlo]
+    area = (ysz[:, :, None] * xsz[:, None, :]).unsqueeze(-1)
+    mean = total.to(torch.float32) / area.to(torch.float32)
+    return ((mean - _PIXEL_MEAN) * _PIXEL_SCALE).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Box helpers (continuous pixel-edge coordinates, (n, 4) float32).
+
+
+def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """Apply MTCNN's box regression: offsets in units of the box side."""
+    wh = (boxes[:, 2:4] - boxes[:, 0:2]).repeat(1, 2)
+    return boxes + reg * wh
+
+
+def _square_snap(boxes: torch.Tensor) -> torch.Tensor:
+    """Square boxes of side max(w, h) on the same centre, snapped to whole pixels → (n,3) int64
+    (x0, y0, side): the next stage crops exactly this window, and its regression is relative to it."""
+    side = (boxes[:, 2:4] - boxes[:, 0:2]).amax(dim=1)
+    centre = (boxes[:, 0:2] + boxes[:, 2:4]) * 0.5
+    side_px = side.round().clamp_min(1.0)
+    x0y0 = torch.round(centre - side_px[:, None] * 0.5)
+    return torch.cat([x0y0, side_px[:, None]], dim=1).to(torch.int64)
+
+
+def _snapped_to_boxes(win: torch.Tensor) -> torch.Tensor:
+    x0y0 = win[:, 0:2].to(torch.float32)
+    side = win[:, 2:3].to(torch.float32)
+    return torch.cat([x0y0, x0y0 + side], dim=1)
+
+
+def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, overlap: float) -> torch.Tensor:
+    """Greedy NMS with intersection over the smaller area (torchvision only offers IoU).
+
+    Used after O-Net, where boxes are few; a box mostly inside a better-scored one (part of a face
+    detected as a face) is dropped even when its IoU is small.
+    """
+    if boxes.shape[0] == 0:
+        return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
+    b = boxes.detach().cpu().to(torch.float64)
+    order = torch.argsort(scores.detach().cpu(), descending=True)
+    area = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
+    lt = torch.maximum(b[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(dim=2)
+    smaller = torch.minimum(area[:, None], area[None, :]).clamp_min(1e-9)
+    same_group = groups.detach().cpu()[:, None] == groups.detach().cpu()[None, :]
+    suppress = (inter / smaller > overlap) & same_group
+    alive = torch.ones(b.shape[0], dtype=torch.bool)
+    keep: list[int] = []
+    for i in order.tolist():
+        if alive[i]:
+            keep.append(i)
+            alive &= ~suppress[i]
+    return torch.tensor(keep, dtype=torch.int64, device=boxes.device)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class MTCNN:
+    """The cascade over batches of RGB uint8 images of any (and mixed) sizes."""
+
+    name: str = MODEL_NAME
+    version: str = MODEL_VERSION
+
+    def __init__(
+        self,
+        pnet: PNet,
+        rnet: RNet,
+        onet: ONet,
+        device: str | torch.device = "cpu",
+        settings: DetectorSettings | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.settings = settings or DetectorSettings()
+        self.pnet = pnet.to(self.device).eval()
+        self.rnet = rnet.to(self.device).eval()
+        self.onet = onet.to(self.device).eval()
+
+    @classmethod
+    def from_files(
+        cls,
+        pnet_path: str | Path,
+        rnet_path: str | Path,
+        onet_path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        min_face_size: int = 20,
+        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+        factor: float = 0.709,
+    ) -> MTCNN:
+        """Load the three facenet-pytorch state dicts (strict) from local files."""
+        settings = DetectorSettings(min_face_size=min_face_size, thresholds=tuple(thresholds), factor=factor)
+        return cls(
+            _load_state(PNet(), pnet_path),
+            _load_state(RNet(), rnet_path),
+            _load_state(ONet(), onet_path),
+            device=device,
+            settings=settings,
+        )
+
+    # -- public ------------------------------------------------------------------------------
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[FaceDetections]:
+        """Detect faces in each image (RGB uint8 HxWx3); one result per image, in order."""
+        tensors = [self._to_tensor(i, image) for i, image in enumerate(images)]
+        if not tensors:
+            return []
+        with torch.inference_mode():
+            windows, owners = self._stage_pnet(tensors)
+            windows, owners = self._stage_rnet(tensors, windows, owners)
+            boxes, scores, points, owners = self._stage_onet(tensors, windows, owners)
+        return self._split(len(tensors), boxes, scores, points, owners)
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _to_tensor(self, index: int, image: np.ndarray) -> torch.Tensor:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+            raise TypeError(f"image {index}: expected a uint8 numpy array, got {type(image).__name__}")
+        if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+            raise ValueError(f"image {index}: expected HxWx3 RGB, got shape {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+
+    def _scales(self, height: int, width: int) -> list[float]:
+        # Same pyramid as facenet-pytorch: the smallest face maps to P-Net's 12 px cell, then shrink
+        # by `factor` while the short side still holds one cell.
+        first = _PNET_CELL / self.settings.min_face_size
+        short = min(height, width) * first
+        scales: list[float] = []
+        scale = first
+        while short >= _PNET_CELL:
+            scales.append(scale)
+            scale *= self.settings.factor
+            short *= self.settings.factor
+        return scales
+
+    def _stage_pnet(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.settings
+        sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
+        scales = [self._scales(h, w) for h, w in sizes]
+        # Pyramid levels per image, resampled once from each image's summed-area table.
+        levels: list[list[torch.Tensor]] = []
+        for image, (h, w), image_scales in zip(images, sizes, scales, strict=True):
+            table = _integral(image)
+            origin = torch.zeros(1, dtype=torch.int64, device=self.device)
+            height = torch.full((1,), h, dtype=torch.int64, device=self.device)
+            width = torch.full((1,), w, dtype=torch.int64, device=self.device)
+            levels.append(
+                [
+                    # Level size rounded up as in facenet-pytorch: int(h * scale + 1).
+                    _area_resample(
+                        table,
+                        y0=origin,
+                        x0=origin,
+                        h=height,
+                        w=width,
+                        out_h=int(h * sc + 1),
+                        out_w=int(w * sc + 1),
+                    )[0]
+                    for sc in image_scales
+                ]
+            )
+            del table
+
+        kept_boxes: list[torch.Tensor] = []
+        kept_owner: list[torch.Tensor] = []
+        n_levels = max((len(x) for x in scales), default=0)
+        for level in range(n_levels):
+            members = [i for i in range(len(images)) if len(scales[i]) > level]
+            # Similar sizes share a canvas: less padding.
+            members.sort(key=lambda i: levels[i][level].shape[1] * levels[i][level].shape[2], reverse=True)
+            for chunk in self._chunks(members, [levels[i][level] for i in members], s.max_pnet_pixels):
+                boxes, owner = self._pnet_chunk(chunk, [levels[i][level] for i in chunk], sizes)
+                if boxes.shape[0]:
+                    keep = batched_nms(boxes[:, :4], boxes[:, 4], owner, s.nms_pnet_level)
+                    kept_boxes.append(boxes[keep])
+                    kept_owner.append(owner[keep])
+        if not kept_boxes:
+            return self._no_windows()
+        boxes = torch.cat(kept_boxes)
+        owner = torch.cat(kept_owner)
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], owner, s.nms_pnet_image)
+        boxes, owner = boxes[keep], owner[keep]
+        return _square_snap(_regress(boxes[:, :4], boxes[:, 5:9])), owner
+
+    @staticmethod
+    def _chunks(members: list[int], tensors: list[torch.Tensor], budget: int) -> list[list[int]]:
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        canvas_h = canvas_w = 0
+        for index, t in zip(members, tensors, strict=True):
+            h, w = max(canvas_h, t.shape[1]), max(canvas_w, t.shape[2])
+            if current and (len(current) + 1) * h * w > budget:
+                chunks.append(current)
+                current, h, w = [], t.shape[1], t.shape[2]
+            current.append(index)
+            canvas_h, canvas_w = h, w
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _pnet_chunk(
+        self, members: list[int], tensors: list[torch.Tensor], sizes: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run P-Net on one padded canvas; return (n, 9) rows x0,y0,x1,y1,score,reg*4 and owners."""
+        canvas_h = max(t.shape[1] for t in tensors)
+        canvas_w = max(t.shape[2] for t in tensors)
+        batch = torch.zeros((len(tensors), 3, canvas_h, canvas_w), device=self.device)
+        for k, t in enumerate(tensors):
+            batch[k, :, : t.shape[1], : t.shape[2]] = t
+        valid = torch.tensor([[t.shape[1], t.shape[2]] for t in tensors], device=self.device)
+        reg, prob = self.pnet(batch, valid if len(tensors) > 1 else None)
+        face = prob[:, 1]
+        # Output cells whose 12x12 window lies inside the real image (see PNet.forward).
+        out_h = (valid[:, 0] - 2 + 1) // 2 - 4
+        out_w = (valid[:, 1] - 2 + 1) // 2 - 4
+        rows = torch.arange(face.shape[1], device=self.device)
+        cols = torch.arange(face.shape[2], device=self.device)
+        inside = (rows[None, :, None] < out_h[:, None, None]) & (cols[None, None, :] < out_w[:, None, None])
+        hit = (face >= self.settings.thresholds[0]) & inside
+        b, r, c = hit.nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return torch.zeros((0, 9), device=self.device), torch.zeros((0,), dtype=torch.int64, device=self.device)
+        member = torch.tensor(members, device=self.device)[b]
+        orig = torch.tensor(sizes, device=self.device, dtype=torch.float32)[member]
+        # Real per-axis scale of this level (the level size was rounded up from h*scale).
+        scale_y = valid[b, 0].to(torch.float32) / orig[:, 0]
+        scale_x = valid[b, 1].to(torch.float32) / orig[:, 1]
+        x0 = (_PNET_STRIDE * c).to(torch.float32) / scale_x
+        y0 = (_PNET_STRIDE * r).to(torch.float32) / scale_y
+        x1 = (_PNET_STRIDE * c + _PNET_CELL).to(torch.float32) / scale_x
+        y1 = (_PNET_STRIDE * r + _PNET_CELL).to(torch.float32) / scale_y
+        rows_out = torch.stack([x0, y0, x1, y1, face[b, r, c]], dim=1)
+        rows_out = torch.cat([rows_out, reg[b, :, r, c]], dim=1)
+        return rows_out, member
+
+    def _crops(
+        self, images: list[torch.Tensor], windows: torch.Tensor, owners: torch.Tensor, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops of all windows, grouped by image; returns crops and the window order used."""
+        crops: list[torch.Tensor] = []
+        order: list[torch.Tensor] = []
+        for i in torch.unique(owners).tolist():
+            idx = (owners == i).nonzero(as_tuple=True)[0]
+            win = windows[idx]
+            table = _integral(images[i])
+            crops.append(
+                _area_resample(table, y0=win[:, 1], x0=win[:, 0], h=win[:, 2], w=win[:, 2], out_h=size, out_w=size)
+            )
+            order.append(idx)
+            del table
+        return torch.cat(crops), torch.cat(order)
+
+    def _run_chunked(self, net: nn.Module, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        step = self.settings.max_crops
+        outs = [net(crops[i : i + step]) for i in range(0, crops.shape[0], step)]
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+    def _stage_rnet(
+        self, images: list[torch.Tensor], windows: torch.Tensor, owners: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if windows.shape[0] == 0:
+            return windows, owners
+        crops, order = self._crops(images, windows, owners, 24)
+        windows, owners = windows[order], owners[order]
+        reg, prob = self._run_chunked(self.rnet, crops)
+        score = prob[:, 1]
+        ok = score > self.settings.thresholds[1]
+        boxes, score, reg, owners = _snapped_to_boxes(windows[ok]), score[ok], reg[ok], owners[ok]
+        keep = batched_nms(boxes, score, owners, self.settings.nms_rnet)
+        boxes = _regress(boxes[keep], reg[keep])
+        return _square_snap(boxes), owners[keep]
+
+    def _stage_onet(
+        self, images: list[torch.Tensor], windows: torch.Tensor, owners: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if windows.shape[0] == 0:
+            return (
+                torch.zeros((0, 4)),
+                torch.zeros((0,)),
+                torch.zeros((0, 5, 2)),
+                torch.zeros((0,), dtype=torch.int64),
+            )
+        crops, order = self._crops(images, windows, owners, 48)
+        windows, owners = windows[order], owners[order]
+        reg, marks, prob = self._run_chunked(self.onet, crops)
+        score = prob[:, 1]
+        ok = score > self.settings.thresholds[2]
+        boxes, score, reg, marks, owners = (
+            _snapped_to_boxes(windows[ok]),
+            score[ok],
+            reg[ok],
+            marks[ok],
+            owners[ok],
+        )
+        side = (boxes[:, 2] - boxes[:, 0])[:, None]
+        points = torch.stack([boxes[:, 0:1] + marks[:, 0:5] * side, boxes[:, 1:2] + marks[:, 5:10] * side], dim=2)
+        boxes = _regress(boxes, reg)
+        keep = _nms_min(boxes, score, owners, self.settings.nms_onet_min)
+        return boxes[keep].cpu(), score[keep].cpu(), points[keep].cpu(), owners[keep].cpu()
+
+    def _no_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.zeros((0, 3), dtype=torch.int64, device=self.device),
+            torch.zeros((0,), dtype=torch.int64, device=self.device),
+        )
+
+    @staticmethod
+    def _split(
+        n_images: int, boxes: torch.Tensor, scores: torch.Tensor, points: torch.Tensor, owners: torch.Tensor
+    ) -> list[FaceDetections]:
+        out: list[FaceDetections] = []
+        boxes_np = boxes.numpy().astype(np.float32)
+        scores_np = scores.numpy().astype(np.float32)
+        points_np = points.numpy().astype(np.float32)
+        owners_np = owners.numpy()
+        for i in range(n_images):
+            idx = np.flatnonzero(owners_np == i)
+            idx = idx[np.argsort(-scores_np[idx], kind="stable")]
+            if idx.size == 0:
+                out.append(FaceDetections.empty())
+                continue
+            out.append(
+                FaceDetections(
+                    boxes=np.ascontiguousarray(boxes_np[idx]),
+                    scores=np.ascontiguousarray(scores_np[idx]),
+                    points=np.ascontiguousarray(points_np[idx]),
+                )
+            )
+        return out
+
+
+def weights_from_dir(folder: str | Path) -> tuple[Path, Path, Path]:
+    """The three weight files as laid out in facenet-pytorch's data folder (and in the model store)."""
+    base = Path(folder)
+    paths = (base / "pnet.pt", base / "rnet.pt", base / "onet.pt")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"MTCNN weights missing: {', '.join(missing)}")
+    return paths
