@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import AddAction
+from deltalake.transaction import AddAction, RemoveAction
 
 from photolens.lake.storage import Location, S3Settings, filesystem_for, join_uri, read_bytes, write_bytes_atomic
 from photolens.schemas.tables import TABLES, SchemaMismatchError, TableSpec, conform, diff_schemas
@@ -217,14 +217,23 @@ class Lake:
         return out
 
     def commit_staged(self, name: str, files: list[StagedFile], app_id: str, txn_version: int,
-                      custom_metadata: dict[str, str] | None = None) -> int | None:
-        """One Delta commit adding ``files``; returns the new version, or None when this txn already landed."""
+                      custom_metadata: dict[str, str] | None = None,
+                      replace: tuple[str, list[str]] | None = None) -> int | None:
+        """One Delta commit adding ``files``; returns the new version, or None when this txn already landed.
+
+        ``replace=(column, values)``: rows whose ``column`` is in ``values`` are removed in the same commit
+        (their files are rewritten without them), so a reprocessed photo keeps exactly one row.
+        """
         spec = self.spec(name)
         table = self.ensure(name)
         if (table.transaction_version(app_id) or 0) >= txn_version:
             return None
         now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
-        actions = [AddAction(f.path, f.size, f.partition_values, now_ms, True, f.stats) for f in files]
+        actions: list[AddAction | RemoveAction] = [
+            AddAction(f.path, f.size, f.partition_values, now_ms, True, f.stats) for f in files
+        ]
+        if replace and replace[1]:
+            actions += self._rewrite_without(name, table, replace[0], replace[1], now_ms)
         table.create_write_transaction(
             actions,
             mode="append",
@@ -234,6 +243,35 @@ class Lake:
         )
         table.update_incremental()
         return table.version()
+
+    def _rewrite_without(self, name: str, table: DeltaTable, column: str, values: list[str],
+                         now_ms: int) -> list[AddAction | RemoveAction]:
+        """Remove + re-add actions for every file that holds one of ``values`` in ``column``."""
+        spec = self.spec(name)
+        value_set = pa.array(sorted(set(values)), pa.string())
+        fs, root = filesystem_for(self.table_uri(name), self.s3)
+        actions: list[AddAction | RemoveAction] = []
+        adds = table.get_add_actions(flatten=True).to_pylist()
+        for add in adds:
+            path = add["path"]
+            with fs.open_input_file(f"{root}/{path}") as f:
+                body = pq.read_table(f)
+            hit = pc.is_in(body.column(column), value_set=value_set)
+            if not pc.any(hit).as_py():
+                continue
+            parts = {k.removeprefix("partition."): v for k, v in add.items() if k.startswith("partition.")}
+            parts = {k: None if v is None else str(v) for k, v in parts.items()}
+            actions.append(RemoveAction(path, True, now_ms, add["size_bytes"], parts))
+            keep = body.filter(pc.invert(hit))
+            if keep.num_rows:
+                folder = path.rsplit("/", 1)[0] if "/" in path else ""
+                rel = (folder + "/" if folder else "") + f"part-rewrite-{uuid.uuid4().hex[:12]}.parquet"
+                with fs.open_output_stream(f"{root}/{rel}") as f:
+                    pq.write_table(keep, f, compression="zstd")
+                size = fs.get_file_info(f"{root}/{rel}").size
+                actions.append(AddAction(rel, size, parts, now_ms, True,
+                                         file_stats(keep, skip=tuple(spec.partition_by))))
+        return actions
 
     def committed_version(self, name: str, app_id: str) -> int | None:
         table = self.open(name)

@@ -312,7 +312,8 @@ def parse_dat(data: bytes) -> DatNetwork:
             raise DatFormatError("no input layer found")
     if not versions or versions[-1] not in (2, 3):
         raise DatFormatError("the layer over the input must be an add_layer (version 2 or 3)")
-    wrappers = tuple(WRAPPER_LAYER if v == 2 else WRAPPER_TAG_OR_SKIP for v in versions[:-1]) + (WRAPPER_LAYER,)
+    # Version 1 is a tag or skip wrapper; the last one (over the input) is always an add_layer.
+    wrappers = (*(WRAPPER_LAYER if v == 2 else WRAPPER_TAG_OR_SKIP for v in versions[:-1]), WRAPPER_LAYER)
     if any(v not in (1, 2) for v in versions[:-1]):
         raise DatFormatError(f"unexpected wrapper versions {sorted(set(versions[:-1]))} (want 1 or 2)")
     input_name, input_attrs = _read_input(r)

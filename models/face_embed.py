@@ -253,9 +253,7 @@ def _check_state_dict(
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{what}: key {k!r} holds a {type(v).__name__}, not a tensor")
         if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(
-                f"{what}: key {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-            )
+            raise CheckpointError(f"{what}: key {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
 
 
 def _place(model: nn.Module, device: str | torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
@@ -282,32 +280,41 @@ def _load_state(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _embed_batches(
-    model: nn.Module,
-    chips: np.ndarray,
-    size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    channels_last: bool,
-    batch_size: int,
-    dim: int,
-    normalise: bool,
-) -> np.ndarray:
-    if chips.ndim != 4 or chips.shape[1:] != (size, size, 3) or chips.dtype != np.uint8:
-        raise ValueError(f"expected chips of shape (n, {size}, {size}, 3) uint8, got {chips.shape} {chips.dtype}")
-    outs: list[np.ndarray] = []
-    with torch.inference_mode():
-        for start in range(0, len(chips), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(chips[start : start + batch_size])).to(device)
-            x = x.permute(0, 3, 1, 2).to(dtype)
-            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-            y = model(x).float()
-            if normalise:
-                y = F.normalize(y, dim=1)
-            outs.append(y.cpu().numpy())
-    if not outs:
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.concatenate(outs).astype(np.float32, copy=False)
+class _ChipEmbedder:
+    """Shared batching for embedders of square uint8 RGB chips."""
+
+    dim: int
+    chip_size: int
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        channels_last: bool,
+        batch_size: int,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.batch_size = batch_size
+        self.model = _place(model, self.device, dtype, channels_last)
+
+    def _run(self, chips: np.ndarray, normalise: bool) -> np.ndarray:
+        size = self.chip_size
+        if chips.ndim != 4 or chips.shape[1:] != (size, size, 3) or chips.dtype != np.uint8:
+            raise ValueError(f"expected chips of shape (n, {size}, {size}, 3) uint8, got {chips.shape} {chips.dtype}")
+        outs = [np.zeros((0, self.dim), dtype=np.float32)]
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        with torch.inference_mode():
+            for start in range(0, len(chips), self.batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(chips[start : start + self.batch_size]))
+                x = x.to(self.device).permute(0, 3, 1, 2).to(self.dtype).contiguous(memory_format=memory_format)
+                y = self.model(x).float()
+                if normalise:
+                    y = F.normalize(y, dim=1)
+                outs.append(y.cpu().numpy())
+        return np.concatenate(outs)
 
 
 def convert_dat_to_pt(dat_path: str | Path, out_path: str | Path) -> str:
@@ -331,7 +338,7 @@ def convert_dat_to_pt(dat_path: str | Path, out_path: str | Path) -> str:
     return _file_sha256(out)
 
 
-class FaceEmbedder:
+class FaceEmbedder(_ChipEmbedder):
     """dlib's 128-d face descriptor in torch, on 150x150 RGB chips aligned like ``dlib.get_face_chip``."""
 
     name: str = DLIB_NAME
@@ -347,11 +354,7 @@ class FaceEmbedder:
         channels_last: bool = False,
         batch_size: int = 64,
     ) -> None:
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self.batch_size = batch_size
-        self.model = _place(model, self.device, dtype, channels_last)
+        super().__init__(model, device, dtype, channels_last, batch_size)
 
     @classmethod
     def from_state_dict(
@@ -400,17 +403,11 @@ class FaceEmbedder:
 
     def descriptors(self, chips: np.ndarray) -> np.ndarray:
         """dlib's raw descriptors (not normalised; dlib's 0.6 distance threshold applies to these)."""
-        return _embed_batches(
-            self.model, chips, self.chip_size, self.device, self.dtype, self.channels_last, self.batch_size,
-            self.dim, False,
-        )
+        return self._run(chips, normalise=False)
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         """(n, 150, 150, 3) uint8 RGB chips -> (n, 128) float32, L2-normalised."""
-        return _embed_batches(
-            self.model, chips, self.chip_size, self.device, self.dtype, self.channels_last, self.batch_size,
-            self.dim, True,
-        )
+        return self._run(chips, normalise=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,7 +486,7 @@ class _ArcFaceNet(nn.Module):
         return self.backbone(x * (2.0 / 255.0) - 1.0)
 
 
-class ArcFaceEmbedder:
+class ArcFaceEmbedder(_ChipEmbedder):
     """ArcFace embeddings (512-d, L2-normalised) on 112x112 RGB chips aligned to insightface's template."""
 
     dim: int = ARCFACE_DIM
@@ -505,13 +502,9 @@ class ArcFaceEmbedder:
         channels_last: bool = False,
         batch_size: int = 64,
     ) -> None:
+        super().__init__(_ArcFaceNet(backbone), device, dtype, channels_last, batch_size)
         self.name = name
         self.version = version
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self.batch_size = batch_size
-        self.model = _place(_ArcFaceNet(backbone), self.device, dtype, channels_last)
 
     @classmethod
     def from_checkpoint(
@@ -545,7 +538,4 @@ class ArcFaceEmbedder:
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         """(n, 112, 112, 3) uint8 RGB chips -> (n, 512) float32, L2-normalised."""
-        return _embed_batches(
-            self.model, chips, self.chip_size, self.device, self.dtype, self.channels_last, self.batch_size,
-            self.dim, True,
-        )
+        return self._run(chips, normalise=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 __all__ = ["MTCNN", "DetectorSettings", "FaceDetections", "ONet", "PNet", "RNet"]
 
@@ -149,7 +149,7 @@ class ONet(nn.Module):
         return self.dense6_2(x), self.dense6_3(x), self.softmax6_1(self.dense6_1(x))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: no field-wise ==
 class FaceDetections:
     """Faces of one image, best score first. Never ``None``: no face gives arrays with 0 rows.
 
@@ -185,7 +185,8 @@ class DetectorSettings:
     nms_rnet: float = 0.7
     # O-Net overlap is intersection over the smaller box: drops a box lying inside a bigger face.
     nms_onet_min: float = 0.7
-    # Canvas pixels per P-Net call; bounds memory (P-Net's first layer holds 10 floats per pixel).
+    # Pixels per P-Net canvas (P-Net's first layer holds 10 floats per pixel) and source pixels per
+    # group of images whose pyramids are built together: together they bound memory.
     max_pnet_pixels: int = 8_000_000
     # Crops per R-Net / O-Net call.
     max_crops: int = 4096
@@ -210,11 +211,41 @@ def _load_state(net: nn.Module, path: str | Path) -> nn.Module:
 
 
 def _integral(image: torch.Tensor) -> torch.Tensor:
-    """(H,W,3) uint8 → (H+1,W+1,3) int64 summed-area table (exact: no float rounding)."""
+    """(H,W,3) uint8 → (H+1,W+1,3) summed-area table, exact integers (no float rounding)."""
     h, w, c = image.shape
-    table = torch.zeros((h + 1, w + 1, c), dtype=torch.int64, device=image.device)
-    table[1:, 1:] = image.to(torch.int64).cumsum(0).cumsum(1)
+    # int32 holds the full sum up to ~8.4 MP; larger images need int64 (twice the memory).
+    dtype = torch.int32 if 255 * h * w < 2**31 else torch.int64
+    table = torch.zeros((h + 1, w + 1, c), dtype=dtype, device=image.device)
+    table[1:, 1:] = image.to(dtype).cumsum(0).cumsum(1)
     return table
+
+
+def _row_integral(image: torch.Tensor) -> torch.Tensor:
+    """(H,W,3) uint8 → (H+1,W,3) int32 cumulative sums down each column."""
+    h, w, c = image.shape
+    table = torch.zeros((h + 1, w, c), dtype=torch.int32, device=image.device)
+    table[1:] = image.to(torch.int32).cumsum(0)
+    return table
+
+
+def _area_resize(row_sums: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Whole-image area resize (= ``F.interpolate(mode="area")``) → (3,out_h,out_w) normalised.
+
+    Separable: rows through the column sums, then columns through a second cumulative sum; two
+    index_selects per axis are far cheaper than a 2-D gather over the whole level.
+    """
+    h = row_sums.shape[0] - 1
+    w = row_sums.shape[1]
+    zero = torch.zeros(1, dtype=torch.int64, device=row_sums.device)
+    ylo, yhi, ysz = _bins(zero, zero + h, out_h, h)
+    xlo, xhi, xsz = _bins(zero, zero + w, out_w, w)
+    rows = (row_sums.index_select(0, yhi[0]) - row_sums.index_select(0, ylo[0])).to(torch.int64)
+    cols = torch.zeros((out_h, w + 1, rows.shape[2]), dtype=torch.int64, device=row_sums.device)
+    cols[:, 1:] = rows.cumsum(1)
+    total = cols.index_select(1, xhi[0]) - cols.index_select(1, xlo[0])
+    area = (ysz[0][:, None] * xsz[0][None, :]).to(torch.float32).unsqueeze(-1)
+    mean = total.to(torch.float32) / area
+    return ((mean - _PIXEL_MEAN) * _PIXEL_SCALE).permute(2, 0, 1).contiguous()
 
 
 def _bins(start: torch.Tensor, length: torch.Tensor, out: int, limit: int) -> tuple[torch.Tensor, ...]:
@@ -244,7 +275,8 @@ def _area_resample(
     out_w: int,
 ) -> torch.Tensor:
     """Area-average n windows (y0, x0, h, w; int64 (n,)) of one image to (n,3,out_h,out_w) float32,
-    normalised for the nets."""
+    normalised for the nets. Same bins as ``F.interpolate(mode="area")`` on each window, with zeros
+    outside the image."""
     H = table.shape[0] - 1
     W = table.shape[1] - 1
     ylo, yhi, ysz = _bins(y0, h, out_h, H)
@@ -283,6 +315,23 @@ def _snapped_to_boxes(win: torch.Tensor) -> torch.Tensor:
     return torch.cat([x0y0, x0y0 + side], dim=1)
 
 
+def _nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, owners: torch.Tensor, iou: float) -> torch.Tensor:
+    """IoU NMS within each image; returns kept indices grouped by image, best first.
+
+    Not ``batched_nms``: with scores tied at 1.0 (common for clear faces) which box survives
+    depends on the sort order of the whole input, and ``batched_nms`` mixes all images into one
+    sort (and shifts coordinates by image), so a face could come out slightly different depending
+    on its batch-mates. One ``nms`` per image sees exactly what a single-image call sees.
+    """
+    keep: list[torch.Tensor] = []
+    for owner in torch.unique(owners).tolist():
+        idx = (owners == owner).nonzero(as_tuple=True)[0]
+        keep.append(idx[nms(boxes[idx], scores[idx], iou)])
+    if not keep:
+        return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
+    return torch.cat(keep)
+
+
 def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, overlap: float) -> torch.Tensor:
     """Greedy NMS with intersection over the smaller area (torchvision only offers IoU).
 
@@ -292,7 +341,7 @@ def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, ov
     if boxes.shape[0] == 0:
         return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
     b = boxes.detach().cpu().to(torch.float64)
-    order = torch.argsort(scores.detach().cpu(), descending=True)
+    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
     area = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
     lt = torch.maximum(b[:, None, :2], b[None, :, :2])
     rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
@@ -374,7 +423,9 @@ class MTCNN:
             raise TypeError(f"image {index}: expected a uint8 numpy array, got {type(image).__name__}")
         if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
             raise ValueError(f"image {index}: expected HxWx3 RGB, got shape {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        # torch refuses read-only arrays (decoded frames often are): copy only then.
+        array = image if image.flags.writeable else image.copy()
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def _scales(self, height: int, width: int) -> list[float]:
         # Same pyramid as facenet-pytorch: the smallest face maps to P-Net's 12 px cell, then shrink
@@ -393,66 +444,53 @@ class MTCNN:
         s = self.settings
         sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
         scales = [self._scales(h, w) for h, w in sizes]
-        # Pyramid levels per image, resampled once from each image's summed-area table.
-        levels: list[list[torch.Tensor]] = []
-        for image, (h, w), image_scales in zip(images, sizes, scales, strict=True):
-            table = _integral(image)
-            origin = torch.zeros(1, dtype=torch.int64, device=self.device)
-            height = torch.full((1,), h, dtype=torch.int64, device=self.device)
-            width = torch.full((1,), w, dtype=torch.int64, device=self.device)
-            levels.append(
-                [
-                    # Level size rounded up as in facenet-pytorch: int(h * scale + 1).
-                    _area_resample(
-                        table,
-                        y0=origin,
-                        x0=origin,
-                        h=height,
-                        w=width,
-                        out_h=int(h * sc + 1),
-                        out_w=int(w * sc + 1),
-                    )[0]
-                    for sc in image_scales
-                ]
-            )
-            del table
-
         kept_boxes: list[torch.Tensor] = []
         kept_owner: list[torch.Tensor] = []
-        n_levels = max((len(x) for x in scales), default=0)
-        for level in range(n_levels):
-            members = [i for i in range(len(images)) if len(scales[i]) > level]
-            # Similar sizes share a canvas: less padding.
-            members.sort(key=lambda i: levels[i][level].shape[1] * levels[i][level].shape[2], reverse=True)
-            for chunk in self._chunks(members, [levels[i][level] for i in members], s.max_pnet_pixels):
-                boxes, owner = self._pnet_chunk(chunk, [levels[i][level] for i in chunk], sizes)
-                if boxes.shape[0]:
-                    keep = batched_nms(boxes[:, :4], boxes[:, 4], owner, s.nms_pnet_level)
-                    kept_boxes.append(boxes[keep])
-                    kept_owner.append(owner[keep])
+        # Images of similar size go together (less padding); a group's pyramids are held in memory
+        # at once (~9 bytes per source pixel), so a group is bounded by the pixel budget too.
+        by_size = sorted(range(len(images)), key=lambda i: sizes[i][0] * sizes[i][1], reverse=True)
+        for group in self._groups(by_size, [sizes[i] for i in by_size], s.max_pnet_pixels):
+            # Pyramid levels per image, all resampled from one table of column sums.
+            levels: dict[int, list[torch.Tensor]] = {}
+            for i in group:
+                (h, w), row_sums = sizes[i], _row_integral(images[i])
+                # Level size rounded up as in facenet-pytorch: int(h * scale + 1).
+                levels[i] = [_area_resize(row_sums, int(h * sc + 1), int(w * sc + 1)) for sc in scales[i]]
+                del row_sums
+            for level in range(max((len(scales[i]) for i in group), default=0)):
+                members = [i for i in group if len(scales[i]) > level]
+                shapes = [(levels[i][level].shape[1], levels[i][level].shape[2]) for i in members]
+                for chunk in self._groups(members, shapes, s.max_pnet_pixels):
+                    boxes, owner = self._pnet_chunk(chunk, [levels[i][level] for i in chunk], sizes)
+                    if boxes.shape[0]:
+                        keep = _nms_per_image(boxes[:, :4], boxes[:, 4], owner, s.nms_pnet_level)
+                        kept_boxes.append(boxes[keep])
+                        kept_owner.append(owner[keep])
         if not kept_boxes:
             return self._no_windows()
         boxes = torch.cat(kept_boxes)
         owner = torch.cat(kept_owner)
-        keep = batched_nms(boxes[:, :4], boxes[:, 4], owner, s.nms_pnet_image)
+        keep = _nms_per_image(boxes[:, :4], boxes[:, 4], owner, s.nms_pnet_image)
         boxes, owner = boxes[keep], owner[keep]
         return _square_snap(_regress(boxes[:, :4], boxes[:, 5:9])), owner
 
     @staticmethod
-    def _chunks(members: list[int], tensors: list[torch.Tensor], budget: int) -> list[list[int]]:
-        chunks: list[list[int]] = []
+    def _groups(members: list[int], shapes: list[tuple[int, int]], budget: int) -> list[list[int]]:
+        """Split members (sorted by size, largest first) so that each group's zero-padded canvas
+        (count x tallest x widest) stays within the pixel budget; an oversized member still gets a
+        group of its own."""
+        groups: list[list[int]] = []
         current: list[int] = []
-        canvas_h = canvas_w = 0
-        for index, t in zip(members, tensors, strict=True):
-            h, w = max(canvas_h, t.shape[1]), max(canvas_w, t.shape[2])
-            if current and (len(current) + 1) * h * w > budget:
-                chunks.append(current)
-                current, h, w = [], t.shape[1], t.shape[2]
+        tall = wide = 0
+        for index, (h, w) in zip(members, shapes, strict=True):
+            if current and (len(current) + 1) * max(tall, h) * max(wide, w) > budget:
+                groups.append(current)
+                current, tall, wide = [], 0, 0
             current.append(index)
-            canvas_h, canvas_w = h, w
+            tall, wide = max(tall, h), max(wide, w)
         if current:
-            chunks.append(current)
-        return chunks
+            groups.append(current)
+        return groups
 
     def _pnet_chunk(
         self, members: list[int], tensors: list[torch.Tensor], sizes: list[tuple[int, int]]
@@ -522,7 +560,7 @@ class MTCNN:
         score = prob[:, 1]
         ok = score > self.settings.thresholds[1]
         boxes, score, reg, owners = _snapped_to_boxes(windows[ok]), score[ok], reg[ok], owners[ok]
-        keep = batched_nms(boxes, score, owners, self.settings.nms_rnet)
+        keep = _nms_per_image(boxes, score, owners, self.settings.nms_rnet)
         boxes = _regress(boxes[keep], reg[keep])
         return _square_snap(boxes), owners[keep]
 
@@ -571,7 +609,9 @@ class MTCNN:
         owners_np = owners.numpy()
         for i in range(n_images):
             idx = np.flatnonzero(owners_np == i)
-            idx = idx[np.argsort(-scores_np[idx], kind="stable")]
+            # Best score first; scores tie at 1.0 in float32, so break ties by position to make the
+            # order independent of how the batch was put together.
+            idx = idx[np.lexsort((boxes_np[idx, 1], boxes_np[idx, 0], -scores_np[idx]))]
             if idx.size == 0:
                 out.append(FaceDetections.empty())
                 continue

@@ -16,7 +16,9 @@ Definitions (one snapshot, ``as_of``):
   also counts for bird and for animal; ``scene``: the coarse scene (``scene_coarse`` with its mapped
   probability, level 0) and the fine scene labels (``scene_labels``/``scene_scores``, level 1), each with
   probability ``>= min_scene_score``; ``landmark``: ``landmark_id`` with ``landmark_score`` (level 0; the
-  landmark stage already applied its reject threshold).
+  landmark stage already applied its reject threshold). A missing probability counts as 1. A detector label
+  the tree does not know counts for the ancestors on its row's ``category_path`` that the tree knows, and
+  is named in the lineage (``categories_not_in_tree``).
 * **photo_count** — the user's public photos with the category (a photo counts once, however many boxes).
 * **share** — ``photo_count / n_photos``, ``n_photos`` = the user's public eligible photos.
 * **weighted_share** — ``sum(w_p * conf_p) / sum(w_p)`` over the user's public photos, where ``conf_p`` is the
@@ -174,7 +176,7 @@ def _object_observations(dets: pl.DataFrame, public: pl.DataFrame, min_score: fl
                          tree: CategoryTreeLike) -> tuple[pl.DataFrame, list[str], pl.DataFrame]:
     # Joining on the run too keeps only the detections of the photo row we kept.
     dets = dets.join(public.select("photo_id", "run_id", "user_id"), on=["photo_id", "run_id"],
-                     how="inner").filter(pl.col("score") >= min_score)
+                     how="inner").filter((pl.col("score") >= min_score) & pl.col("category").is_not_null())
     fallback = {
         row["category"]: [c for c in (row["category_path"] or []) if c != row["category"]]
         for row in dets.filter(pl.col("category_path").is_not_null())

@@ -106,8 +106,10 @@ class CategoryTree:
 
         coco: list[CocoCategory] = []
         for entry in data.get("coco_categories", []):
-            if not isinstance(entry, Mapping) or not isinstance(entry.get("id"), int) or not isinstance(
-                entry.get("name"), str
+            if (
+                not isinstance(entry, Mapping)
+                or not isinstance(entry.get("id"), int)
+                or not isinstance(entry.get("name"), str)
             ):
                 raise TaxonomyError(f"coco_categories entries need an int 'id' and a str 'name': {entry!r}")
             cat = CocoCategory(id=entry["id"], name=entry["name"])

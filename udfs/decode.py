@@ -24,6 +24,8 @@ Time bound per photo (``DecodeConfig.time_limit_s``), two layers:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import math
 import re
@@ -128,6 +130,11 @@ class DecodeConfig:
         object.__setattr__(self, "formats", frozenset(f.upper() for f in self.formats))
         if not self.formats:
             raise ValueError("DecodeConfig.formats must name at least one format")
+        Image.init()
+        unknown = sorted(f for f in self.formats if f not in Image.OPEN and f != "MPO")
+        if unknown:
+            # Caught here: an unknown name would otherwise fail inside Pillow, on every row.
+            raise ValueError(f"DecodeConfig.formats has formats Pillow cannot open: {unknown}")
         if self.max_bytes <= 0 or self.max_pixels <= 0:
             raise ValueError("DecodeConfig.max_bytes and max_pixels must be positive")
         pillow_limit = Image.MAX_IMAGE_PIXELS
@@ -169,11 +176,11 @@ class DecodeResult:
         return self.status is Status.OK
 
 
-class _DeadlineExceeded(Exception):
+class _DeadlineExceededError(Exception):
     """Raised inside the decode thread once the per-photo time limit has passed."""
 
 
-class _BadData(Exception):
+class _BadDataError(Exception):
     """A decision of our own checks (limits, allowlist) that the row is an error."""
 
     def __init__(self, code: ErrorCode, detail: str) -> None:
@@ -188,15 +195,21 @@ class _DeadlineReader(io.BytesIO):
     def __init__(self, data: bytes, deadline: float | None) -> None:
         super().__init__(data)
         self._deadline = deadline
+        # Set when a reader asked for more than was left: the evidence that a failure is truncation,
+        # whatever words the plugin used for it.
+        self.ran_out = False
 
     def read(self, size: int | None = -1, /) -> bytes:
         _check_deadline(self._deadline)
-        return super().read(size)
+        out = super().read(size)
+        if size is not None and 0 <= len(out) < size:
+            self.ran_out = True
+        return out
 
 
 def _check_deadline(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() > deadline:
-        raise _DeadlineExceeded("time limit exceeded")
+        raise _DeadlineExceededError("time limit exceeded")
 
 
 # Exception types Pillow raises for malformed input. UnidentifiedImageError is an OSError.
@@ -238,14 +251,14 @@ def _is_bad_data(exc: BaseException) -> bool:
     return _raised_inside_pillow(exc)
 
 
-def _classify(exc: BaseException) -> ErrorCode:
+def _classify(exc: BaseException, reader: _DeadlineReader) -> ErrorCode:
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return ErrorCode.DECOMPRESSION_BOMB
     message = str(exc).lower()
     if isinstance(exc, ValueError) and "too large" in message:
         # PNG text/ICC chunks that inflate past Pillow's MAX_TEXT_CHUNK.
         return ErrorCode.DECOMPRESSION_BOMB
-    if isinstance(exc, EOFError | struct.error) or "truncated" in message:
+    if isinstance(exc, EOFError | struct.error) or "truncated" in message or reader.ran_out:
         return ErrorCode.TRUNCATED
     return ErrorCode.DECODE_FAILED
 
@@ -291,7 +304,7 @@ def decode_photo(data: bytes | bytearray | memoryview, cfg: DecodeConfig) -> Dec
     def work() -> None:
         try:
             box.append(_decode_guarded(bytes(data), cfg, deadline))
-        except BaseException as exc:  # handed to the caller, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
             box.append(exc)
 
     worker = threading.Thread(target=work, name="photolens-decode", daemon=True)
@@ -300,9 +313,7 @@ def decode_photo(data: bytes | bytearray | memoryview, cfg: DecodeConfig) -> Dec
     elapsed = time.perf_counter() - started
     if not box:
         # The thread keeps running until its next read or step notices the deadline, then exits.
-        return _error(
-            ErrorCode.DECODE_TIMEOUT, f"decode exceeded {cfg.time_limit_s:g} s (hard bound)", elapsed
-        )
+        return _error(ErrorCode.DECODE_TIMEOUT, f"decode exceeded {cfg.time_limit_s:g} s (hard bound)", elapsed)
     outcome = box[0]
     if isinstance(outcome, BaseException):
         raise outcome
@@ -310,77 +321,100 @@ def decode_photo(data: bytes | bytearray | memoryview, cfg: DecodeConfig) -> Dec
 
 
 def _with_seconds(result: DecodeResult, seconds: float) -> DecodeResult:
-    return DecodeResult(**{**result.__dict__, "seconds": seconds})
+    return dataclasses.replace(result, seconds=seconds)
 
 
 def _decode_guarded(data: bytes, cfg: DecodeConfig, deadline: float | None) -> DecodeResult:
+    reader = _DeadlineReader(data, deadline)
     try:
-        return _decode(data, cfg, deadline)
-    except _DeadlineExceeded:
+        return _decode(reader, cfg, deadline)
+    except _DeadlineExceededError:
         return _error(ErrorCode.DECODE_TIMEOUT, f"decode exceeded {cfg.time_limit_s:g} s (stopped)")
-    except _BadData as exc:
+    except _BadDataError as exc:
         return _error(exc.code, str(exc))
     except UnidentifiedImageError:
         return _unidentified(data, cfg)
     except (*_PILLOW_BAD_DATA, *_PILLOW_INTERNAL_FAILURES) as exc:
         if not _is_bad_data(exc):
             raise
-        return _error(_classify(exc), f"{type(exc).__name__}: {exc}")
+        return _error(_classify(exc, reader), f"{type(exc).__name__}: {exc}")
 
 
 def _unidentified(data: bytes, cfg: DecodeConfig) -> DecodeResult:
-    """No allowed format claimed the bytes: name a known foreign format if we can."""
-    for offset, magic, name in _FOREIGN_SIGNATURES:
+    """No allowed format opened the bytes: say why as precisely as the bytes allow."""
+    # An allowed format's signature whose header then failed: Image.open hides the plugin's own
+    # exception (it moves on to the next format), so run that opener again and keep it.
+    prefix = data[:16]
+    for name in _opener_formats(cfg.formats):
+        factory, accept = Image.OPEN[name]
+        if accept is None or not accept(prefix):
+            continue
+        reader = _DeadlineReader(data, None)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                factory(reader, "").close()
+        except (*_PILLOW_BAD_DATA, *_PILLOW_INTERNAL_FAILURES) as exc:
+            if not _is_bad_data(exc):
+                raise
+            code = _classify(exc, reader)
+            return _error(code, f"{name} header rejected: {type(exc).__name__}: {exc}")
+    for offset, magic, foreign in _FOREIGN_SIGNATURES:
         if data[offset : offset + len(magic)] == magic:
-            return _error(ErrorCode.UNSUPPORTED_FORMAT, f"{name} is not an allowed format")
+            return _error(ErrorCode.UNSUPPORTED_FORMAT, f"{foreign} is not an allowed format")
     head = data[:512].lstrip()
-    if head[:5].lower() in (b"<?xml", b"<svg ") or head[:4].lower() == b"<svg":
+    if head[:5].lower() == b"<?xml" or head[:4].lower() == b"<svg":
         return _error(ErrorCode.UNSUPPORTED_FORMAT, "SVG/XML is not an allowed format")
     # Let Pillow name the format, but only trust plugins that check a signature: header-only
     # plugins (TGA, ...) would "recognise" random bytes. Nothing is decoded here.
-    name: str | None = None
+    known: str | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(_DeadlineReader(data, None)) as img:
                 fmt = img.format
                 if fmt is not None and Image.OPEN.get(fmt, (None, None))[1] is not None:
-                    name = fmt
+                    known = fmt
     except (*_PILLOW_BAD_DATA, *_PILLOW_INTERNAL_FAILURES) as exc:
         if not _is_bad_data(exc):
             raise
-    if name is not None and name not in cfg.formats:
-        return _error(ErrorCode.UNSUPPORTED_FORMAT, f"{name} is not an allowed format")
+    if known is not None and known not in cfg.formats:
+        return _error(ErrorCode.UNSUPPORTED_FORMAT, f"{known} is not an allowed format")
     return _error(ErrorCode.UNREADABLE, f"not a recognised image ({len(data)} bytes, starts {data[:8]!r})")
 
 
-def _decode(data: bytes, cfg: DecodeConfig, deadline: float | None) -> DecodeResult:
+def _decode(reader: _DeadlineReader, cfg: DecodeConfig, deadline: float | None) -> DecodeResult:
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its pixel limit; here that is an error row. The filter
         # lives for this block only (warnings filters are process-wide, so keep the window short).
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(_DeadlineReader(data, deadline), formats=sorted(cfg.formats))
+        img = Image.open(reader, formats=_opener_formats(cfg.formats))
         with img:
             return _decode_opened(img, cfg, deadline)
+
+
+@functools.lru_cache(maxsize=8)
+def _opener_formats(formats: frozenset[str]) -> tuple[str, ...]:
+    """Pillow opener names for the allowed formats: MPO has no opener of its own, JPEG's returns it."""
+    names = {"JPEG" if name == "MPO" else name for name in formats}
+    return tuple(sorted(names))
 
 
 def _decode_opened(img: Image.ImageFile.ImageFile, cfg: DecodeConfig, deadline: float | None) -> DecodeResult:
     fmt = img.format or ""
     if fmt not in cfg.formats:
         # JPEG's opener hands back MPO for JPEGs with extra frames, whatever ``formats`` allowed.
-        raise _BadData(ErrorCode.UNSUPPORTED_FORMAT, f"{fmt or 'unknown'} is not an allowed format")
+        raise _BadDataError(ErrorCode.UNSUPPORTED_FORMAT, f"{fmt or 'unknown'} is not an allowed format")
     stored_w, stored_h = img.size
     if stored_w <= 0 or stored_h <= 0:
-        raise _BadData(ErrorCode.BAD_DIMENSIONS, f"{stored_w}x{stored_h}")
+        raise _BadDataError(ErrorCode.BAD_DIMENSIONS, f"{stored_w}x{stored_h}")
     if stored_w * stored_h > cfg.max_pixels:
-        raise _BadData(
-            ErrorCode.DECOMPRESSION_BOMB, f"{stored_w}x{stored_h} pixels > max_pixels {cfg.max_pixels}"
-        )
+        raise _BadDataError(ErrorCode.DECOMPRESSION_BOMB, f"{stored_w}x{stored_h} pixels > max_pixels {cfg.max_pixels}")
     short, long_ = sorted((stored_w, stored_h))
     if short < cfg.min_side:
-        raise _BadData(ErrorCode.BAD_DIMENSIONS, f"{stored_w}x{stored_h}: side < min_side {cfg.min_side}")
+        raise _BadDataError(ErrorCode.BAD_DIMENSIONS, f"{stored_w}x{stored_h}: side < min_side {cfg.min_side}")
     if long_ / short > cfg.max_aspect:
-        raise _BadData(ErrorCode.BAD_DIMENSIONS, f"{stored_w}x{stored_h}: aspect > max_aspect {cfg.max_aspect:g}")
+        raise _BadDataError(ErrorCode.BAD_DIMENSIONS, f"{stored_w}x{stored_h}: aspect > max_aspect {cfg.max_aspect:g}")
 
     # Walking an animation's frames reads every block (bounded by the deadline reader).
     n_frames = int(getattr(img, "n_frames", 1))
@@ -388,22 +422,42 @@ def _decode_opened(img: Image.ImageFile.ImageFile, cfg: DecodeConfig, deadline: 
         img.seek(0)
     _check_deadline(deadline)
 
+    # TIFF's loader applies the orientation itself and then drops the tag: note it from the header
+    # tags first. (Other formats' EXIF is read after the pixels: PNG's getexif() would load them
+    # itself, and a pixel failure must not hide inside an EXIF failure.)
+    header_tags = getattr(img, "tag_v2", None)
+    header_orientation = header_tags.get(_TAG_ORIENTATION) if header_tags is not None else None
     scale = min(1.0, cfg.working_size / long_)
-    target = (max(1, round(stored_w * scale)), max(1, round(stored_h * scale)))
     if fmt in _JPEG_FAMILY and scale < 1.0:
         # libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain, never below the target size.
-        img.draft("RGB", target)
+        img.draft("RGB", (max(1, round(stored_w * scale)), max(1, round(stored_h * scale))))
     img.load()
     _check_deadline(deadline)
 
     orientation, taken_at, gps = _read_exif(img)
+    if (
+        orientation == 1
+        and isinstance(header_orientation, int)
+        and header_orientation in _TRANSPOSE
+        and _orientation_tag(img) is None
+    ):
+        # The loader turned the pixels already (and reports the turned size): full size, oriented.
+        orientation = header_orientation
+        pending = 1
+        width, height = img.size
+    else:
+        pending = orientation
+        width, height = (stored_h, stored_w) if orientation in (5, 6, 7, 8) else (stored_w, stored_h)
+    out_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Resize in the stored orientation, turn last (the turn is cheaper on the small image).
+    target = (out_size[1], out_size[0]) if pending in (5, 6, 7, 8) else out_size
     pic = _to_rgb_or_l(img)
     _check_deadline(deadline)
     if pic.size != target:
         pic = pic.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0)
     if pic.mode != "RGB":
         pic = pic.convert("RGB")
-    method = _TRANSPOSE.get(orientation)
+    method = _TRANSPOSE.get(pending)
     if method is not None:
         pic = pic.transpose(method)
     _check_deadline(deadline)
@@ -411,7 +465,6 @@ def _decode_opened(img: Image.ImageFile.ImageFile, cfg: DecodeConfig, deadline: 
     image = np.array(pic, dtype=np.uint8)
     if image.ndim != 3 or image.shape[2] != 3:
         raise AssertionError(f"working image has shape {image.shape}")  # a bug, never bad data
-    width, height = (stored_h, stored_w) if orientation in (5, 6, 7, 8) else (stored_w, stored_h)
     return DecodeResult(
         status=Status.OK,
         image=image,
@@ -430,10 +483,10 @@ def _decode_opened(img: Image.ImageFile.ImageFile, cfg: DecodeConfig, deadline: 
 def _to_rgb_or_l(img: Image.Image) -> Image.Image:
     """Bring any Pillow mode to RGB or L, compositing transparency on white."""
     mode = img.mode
-    if mode in ("RGB", "L"):
+    if mode in ("RGB", "L") and "transparency" not in img.info:
         return img
     if mode == "P":
-        has_alpha = "transparency" in img.info or img.palette is not None and img.palette.mode == "RGBA"
+        has_alpha = "transparency" in img.info or (img.palette is not None and img.palette.mode == "RGBA")
         return _on_white(img.convert("RGBA")) if has_alpha else img.convert("RGB")
     if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
         return _on_white(img.convert("RGBA"))
@@ -441,7 +494,8 @@ def _to_rgb_or_l(img: Image.Image) -> Image.Image:
         return img.convert("L")
     if mode.startswith("I;16") or mode in ("I", "F"):
         return Image.fromarray(_scale_to_u8(np.asarray(img), mode), mode="L")
-    if mode == "L" and "transparency" in img.info:
+    if mode in ("RGB", "L"):
+        # A tRNS colour key: that one value is transparent.
         return _on_white(img.convert("RGBA"))
     # CMYK, YCbCr, LAB, HSV, RGBX: Pillow's own conversion (CMYK: the naive inverse, no ICC).
     return img.convert("RGB")
@@ -491,6 +545,16 @@ def _read_exif(img: Image.Image) -> tuple[int, str | None, tuple[float, float] |
     return orientation, _exif_time(raw_time, raw_offset), _exif_gps(gps_ifd)
 
 
+def _orientation_tag(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(_TAG_ORIENTATION)
+    except (*_PILLOW_BAD_DATA, *_PILLOW_INTERNAL_FAILURES) as exc:
+        if not _is_bad_data(exc):
+            raise
+        return None
+    return value if isinstance(value, int) else None
+
+
 def _exif_text(value: Any) -> str | None:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
@@ -504,7 +568,7 @@ def _exif_time(raw: Any, raw_offset: Any) -> str | None:
         return None
     try:
         # Cameras without a clock write "0000:00:00 00:00:00": no date rather than a wrong one.
-        stamp = datetime(*(int(part) for part in match.groups()))  # noqa: DTZ001 - EXIF local time
+        stamp = datetime(*(int(part) for part in match.groups()))
     except ValueError:
         return None
     offset = _exif_text(raw_offset)
@@ -577,10 +641,10 @@ class DecodeUDF:
             raise KeyError("DecodeUDF needs a 'data' column of photo bytes")
         data = batch["data"]
         n = len(data)
-        status = _object_column(batch.get("status"), n, Status.OK.value)
-        error_code = _object_column(batch.get("error_code"), n, None)
-        error_stage = _object_column(batch.get("error_stage"), n, None)
-        error_detail = _object_column(batch.get("error_detail"), n, None)
+        status = _text_column(batch.get("status"), n, Status.OK.value)
+        error_code = _text_column(batch.get("error_code"), n, None)
+        error_stage = _text_column(batch.get("error_stage"), n, None)
+        error_detail = _text_column(batch.get("error_detail"), n, None)
 
         image = np.empty(n, dtype=object)
         width = np.zeros(n, dtype=np.int32)
@@ -598,12 +662,10 @@ class DecodeUDF:
             image[i] = _EMPTY_IMAGE
             if status[i] != Status.OK.value:
                 continue
-            payload = data[i]
+            payload = _payload(data[i])
             if payload is None:
                 result = _error(ErrorCode.EMPTY_FILE, "no bytes for a row the fetch marked ok")
             else:
-                if isinstance(payload, np.ndarray):
-                    payload = payload.tobytes()
                 result = decode_photo(payload, self.config)
             seconds[i] = result.seconds
             if not result.ok:
@@ -645,9 +707,23 @@ class DecodeUDF:
         return out
 
 
-def _object_column(column: np.ndarray | None, n: int, default: str | None) -> np.ndarray:
-    if column is None:
-        return np.full(n, default, dtype=object)
-    out = np.empty(n, dtype=object)
-    out[:] = list(column)  # a copy: the input batch may be read-only shared memory
+def _text_column(column: np.ndarray | None, n: int, default: str | None) -> np.ndarray:
+    """A fresh object column of str/None. Ray hands an all-null Arrow column over as float NaNs."""
+    out = np.full(n, default, dtype=object)
+    if column is not None:
+        for i, value in enumerate(column):
+            if isinstance(value, str):
+                out[i] = value
+            elif isinstance(value, bytes):
+                out[i] = value.decode("utf-8", "replace")
     return out
+
+
+def _payload(value: object) -> bytes | bytearray | memoryview | None:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value.tobytes()
+    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+        return None  # a null in the Arrow column
+    raise TypeError(f"DecodeUDF: 'data' holds {type(value).__name__}, expected bytes")

