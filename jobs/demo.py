@@ -41,7 +41,8 @@ def _bomb_png(width: int = 60000, height: int = 60000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def sample_photos() -> Iterator[tuple[str, bytes]]:
@@ -91,8 +92,9 @@ def print_queries(lake_root: str, storage_options: dict[str, str] | None) -> Non
             "FROM photos GROUP BY ALL ORDER BY photos DESC"
         ),
         "top objects per user (rolled up the category tree)": (
-            "SELECT user_id, category_path[len(category_path)] AS group_, category, count(DISTINCT photo_id) AS photos, "
-            "round(max(score), 2) AS best FROM detections GROUP BY ALL ORDER BY user_id, photos DESC, best DESC"
+            "SELECT user_id, category_path[len(category_path)] AS group_, category, "
+            "count(DISTINCT photo_id) AS photos, round(max(score), 2) AS best FROM detections "
+            "GROUP BY ALL ORDER BY user_id, photos DESC, best DESC"
         ),
     }
     for title, sql in queries.items():

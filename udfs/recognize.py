@@ -260,7 +260,8 @@ def _detail(exc: BaseException) -> str:
     return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 1] + "…"
 
 
-def _run_isolated(fn: Callable[[list[T]], list[R]], items: list[T], stage: str) -> tuple[list[R | None], dict[int, str]]:
+def _run_isolated(fn: Callable[[list[T]], list[R]], items: list[T],
+                  stage: str) -> tuple[list[R | None], dict[int, str]]:
     """``fn`` over all items in one call; if it raises a model error, item by item.
 
     Returns the results (None for failed items) and ``{index: detail}`` of the items that failed alone.
