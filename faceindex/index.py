@@ -175,7 +175,7 @@ def _configure(index: faiss.Index, cfg: IndexConfig) -> None:
             vt = faiss.downcast_VectorTransform(inner.chain.at(i))
             if isinstance(vt, faiss.OPQMatrix):
                 vt.niter = cfg.opq_niter
-                vt.niter_pq_0 = cfg.pq_niter  # faiss's 40 for the first codebooks is a waste here
+                vt.niter_pq_0 = cfg.pq_niter  # faiss defaults to 40 for the first codebooks: most of a short run
                 vt.max_train_points = cfg.opq_train_size
         inner = faiss.downcast_index(inner.index)
     if isinstance(inner, faiss.IndexPQ):

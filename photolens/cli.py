@@ -72,13 +72,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", default="user supplied")
     p.set_defaults(handler=cmd_models)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    prefs = sub.add_parser("preferences", help="per-user preference tables").add_subparsers(dest="prefs_cmd",
+                                                                                           required=True)
+    p = prefs.add_parser("build", help="build the preference snapshot for one as-of date (replaces that snapshot)")
+    p.add_argument("--lake", required=True)
+    p.add_argument("--as-of", dest="as_of", help="YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--half-life-days", dest="half_life_days", type=float, help="exponential time decay")
+    p.add_argument("--include-private", dest="include_private", action="store_true",
+                   help="let photos with faces feed the tables (off by default: a face makes a photo private)")
+    p.set_defaults(handler=cmd_preferences)
+    p = sub.add_parser("interests", help="print a user's top interests from the preference table")
+    p.add_argument("--lake", required=True)
+    p.add_argument("--user", required=True)
+    p.add_argument("--as-of", dest="as_of")
+    p.add_argument("-n", type=int, default=10)
+    p.set_defaults(handler=cmd_interests)
+
+    import importlib
+
+    for module in _JOB_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
-# Other jobs register their sub-commands here (kept apart so each job module owns its flags).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+# Job modules that own their sub-commands and flags (each has ``register(subparsers)``).
+_JOB_MODULES: tuple[str, ...] = ()
+
+
+def _storage_options(uri: str) -> dict[str, str] | None:
+    from photolens.lake.storage import delta_storage_options
+
+    return delta_storage_options(uri)
+
+
+def cmd_preferences(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from photolens.jobs.preferences import run_preferences
+
+    as_of = args.as_of or dt.datetime.now(dt.UTC).date().isoformat()
+    report = run_preferences(args.lake, as_of, storage_options=_storage_options(args.lake),
+                             half_life_days=args.half_life_days, include_private=args.include_private)
+    print_json(report)
+    return 0
+
+
+def cmd_interests(args: argparse.Namespace) -> int:
+    from photolens.jobs.preferences import format_interests, top_interests
+
+    rows = top_interests(args.lake, args.user, as_of=args.as_of, n=args.n, storage_options=_storage_options(args.lake))
+    print(format_interests(rows) if rows.num_rows else f"no preferences for {args.user}")
+    return 0 if rows.num_rows else 1
 
 
 def cmd_tag(args: argparse.Namespace) -> int:

