@@ -10,7 +10,7 @@
   related categories (seed 000_0fb00c7dd830498f.txt reports both), via ``photolens.models.eval_detection``.
 
 ``eval clustering`` (face clustering quality: ARI/AMI/F-measure) lives with the face index code and is
-added to the same ``eval`` parser by the caller of :func:`register` (``extra_eval``).
+added to the same ``eval`` parser through :data:`EVAL_MODULES` or :func:`register`'s ``extra_eval``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from photolens.udfs.decode import DecodeConfig, decode_photo
 from photolens.udfs.recognize import DEFAULT_MODELS
 
 Handler = Callable[[argparse.Namespace], int]
+# Modules adding more ``eval`` sub-commands, each with ``register_eval(eval_subparsers)``: the face index's
+# ``eval clustering`` belongs here once it exists.
+EVAL_MODULES: tuple[str, ...] = ()
 # MTCNN's O-Net score above which a face counts as confident when choosing a photo's main face.
 MAIN_FACE_MIN_SCORE = 0.9
 FAR_TARGET = 1e-2
@@ -296,6 +299,11 @@ def register(sub: Any, extra_eval: Sequence[Callable[[Any], None]] = ()) -> None
     detection: Handler = cmd_detection
     p.set_defaults(handler=detection)
 
-    # ``eval clustering`` (ARI/AMI/F-measure of face clustering) is registered by the face index code.
+    # ``eval clustering`` (ARI/AMI/F-measure of face clustering) is registered by the face index code: its
+    # module goes in EVAL_MODULES (or its function in ``extra_eval``).
+    import importlib
+
+    for module in EVAL_MODULES:
+        importlib.import_module(module).register_eval(cmds)
     for add in extra_eval:
         add(cmds)

@@ -3,6 +3,9 @@ then one small run of the whole tagging job on local Ray with every stage (slow)
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -269,13 +272,49 @@ def test_face_model_failure_passes_down_the_chain(faces_chain: tuple[FacesUDF, E
     assert json.loads(out["faces_json"][1]) == []
 
 
+def test_checkpoints_added_to_the_store(tmp_path: Path, batch: dict[str, np.ndarray],
+                                       faces_chain: tuple[FacesUDF, EmbedUDF, EmotionUDF]) -> None:
+    """The torchvision-detector and ArcFace paths, on checkpoints this test writes (random weights: only
+    the plumbing is checked, never the outputs' meaning)."""
+    import torch
+
+    from photolens.models.detector import build_torchvision_model
+    from photolens.models.face_embed import iresnet
+
+    torch.manual_seed(0)
+    store = ModelStore(str(tmp_path / "store"))
+    store.install(("mtcnn",))
+    det_file = tmp_path / "ssdlite320_mobilenet_v3_large_coco-test.pth"
+    torch.save(build_torchvision_model("ssdlite320_mobilenet_v3_large").state_dict(), det_file)
+    store.add("ssdlite320_mobilenet_v3_large", "detect", "test-1", [det_file], "test", "written by the test")
+    arc_file = tmp_path / "backbone.pth"
+    torch.save(iresnet("iresnet18").state_dict(), arc_file)
+    store.add("arcface_r18_test", "face_embed", "test-2", [arc_file], "test", "written by the test")
+
+    detect = DetectUDF(DetectConfig(model_store=store.uri, model="ssdlite320_mobilenet_v3_large", score_threshold=0.0,
+                                    max_detections=5))
+    out = detect(batch)
+    assert out["model_detect"][0] == "ssdlite320_mobilenet_v3_large@test-1"
+    for i in (0, 2, 3):
+        dets = _categories(out, i)
+        assert len(dets) <= 5 and all(d["category_path"][0] == d["category"] for d in dets)
+    assert out["detections_json"][1] is None
+
+    embed = EmbedUDF(EmbedConfig(model_store=store.uri, model="arcface_r18_test", arcface_arch="iresnet18"))
+    faces = faces_chain[0](batch)
+    emb = embed(faces)["face_embeddings"]
+    assert emb[3].shape == (2, 512) and emb[0].shape == (0, 512)
+    np.testing.assert_allclose(np.linalg.norm(emb[3], axis=1), 1.0, atol=1e-5)
+    assert embed(faces)["model_embed"][3] == "arcface_iresnet18@test-2"
+
+
 # ---------------------------------------------------------------------------------------------- landmark
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory, store_uri: str) -> str:
     """References built by the landmarks job from a tiny gallery of the same-place photos."""
-    from photolens.jobs.landmarks import build_landmark_references
+    from photolens.jobs.landmarks import register as register_landmarks
 
     gallery = tmp_path_factory.mktemp("gallery")
     layout = {"leuven": ["leuvenA.jpg"], "graf": ["graf1.png", "graf3.png"], "aero": ["aero1.jpg"],
@@ -287,7 +326,15 @@ def references(tmp_path_factory: pytest.TempPathFactory, store_uri: str) -> str:
                 pytest.skip(f"test photo missing: {PHOTOS / f}")
             shutil.copy(PHOTOS / f, gallery / lid / f)
     out = str(tmp_path_factory.mktemp("refs") / "references")
-    report = build_landmark_references(gallery, out, store_uri)
+    # Through the CLI command, as an operator builds them.
+    parser = argparse.ArgumentParser(prog="photolens")
+    register_landmarks(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["landmarks", "build", "--gallery", str(gallery), "--out", out, "--store", store_uri,
+                              "--json"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert args.handler(args) == 0
+    report = json.loads(printed.getvalue())
     assert report["n_landmarks"] == 3 and report["n_images"] == 4 and report["n_negative_images"] == 2
     # graf1 vs graf3 is the one leave-one-out positive; it must sit above every negative
     assert report["calibrated"] and report["n_positive_pairs"] == 2 and report["balanced_accuracy"] == 1.0

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from photolens.lake.storage import S3Settings, join_uri, read_bytes
+from photolens.models.face_align import QualityGate
 from photolens.models.landmark import References, ReferencesError
 from photolens.models.store import ModelEntry, ModelStore, ModelStoreError, default_store_uri
 from photolens.schemas.errors import ErrorCode, Stage, Status
@@ -147,15 +148,8 @@ class FacesConfig(_StageConfig):
     model: str = DEFAULT_MODELS["faces"]
     min_face_size: int = 20
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    # Gate limits: photolens.models.face_align.QualityGate's defaults.
-    min_score: float = 0.9
-    min_size_px: float = 16.0
-    max_abs_yaw: float = 45.0
-    max_abs_roll: float = 60.0
-    max_abs_pitch: float = 40.0
-    min_sharpness: float = 0.02
-    min_weight: float = 0.15
-    max_shape_error: float = 0.3
+    # Which faces count for templates, suggestions and the privacy policy "face_passed_gate".
+    gate: QualityGate = field(default_factory=QualityGate)
 
 
 @dataclass(frozen=True)
@@ -594,7 +588,6 @@ class FacesUDF(_ModelUDF):
 
     def __init__(self, config: FacesConfig) -> None:
         super().__init__(config)
-        from photolens.models.face_align import QualityGate
         from photolens.models.mtcnn import MTCNN
 
         store = config.store()
@@ -602,10 +595,7 @@ class FacesUDF(_ModelUDF):
         paths = [store.local_path(entry.name, f"{net}.pt") for net in ("pnet", "rnet", "onet")]
         self.detector = MTCNN.from_files(*paths, device=config.device, min_face_size=config.min_face_size,
                                          thresholds=config.thresholds)
-        self.gate = QualityGate(min_score=config.min_score, min_size_px=config.min_size_px,
-                                max_abs_yaw=config.max_abs_yaw, max_abs_roll=config.max_abs_roll,
-                                max_abs_pitch=config.max_abs_pitch, min_sharpness=config.min_sharpness,
-                                min_weight=config.min_weight, max_shape_error=config.max_shape_error)
+        self.gate = config.gate
         self.tag = f"{self.detector.name}@{entry.version}"
 
     def _describe(self, image: np.ndarray, dets: Any) -> tuple[str, np.ndarray]:
