@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Job modules that own their sub-commands and flags (each has ``register(subparsers)``).
-_JOB_MODULES: tuple[str, ...] = ()
+_JOB_MODULES: tuple[str, ...] = ("photolens.jobs.evaluate", "photolens.jobs.landmarks")
 
 
 def _storage_options(uri: str) -> dict[str, str] | None:

@@ -695,8 +695,18 @@ class EmbedUDF(_ModelUDF):
         embeddings = np.empty(n, dtype=object)
         for i in range(n):
             embeddings[i] = np.zeros((0, self.dim), dtype=np.float32)
+        if "faces_json" not in batch or "face_chips" not in batch:
+            raise KeyError("EmbedUDF needs the faces_json and face_chips columns of FacesUDF before it")
         rows = [r for r in rows if _faces_of(batch, r)]
-        per_photo = [self._chips(batch, r) for r in rows]
+        per_photo: list[np.ndarray] = []
+        aligned: list[int] = []
+        for r in rows:
+            try:
+                per_photo.append(self._chips(batch, r))
+                aligned.append(r)
+            except MODEL_ERRORS as exc:  # degenerate points for a re-alignment
+                self._fail(out, r, _detail(exc))
+        rows = aligned
 
         def embed(chip_sets: list[np.ndarray]) -> list[np.ndarray]:
             # One forward pass over every chip of the batch, split back per photo.
@@ -744,9 +754,11 @@ class EmotionUDF(_ModelUDF):
         emotions = np.empty(n, dtype=object)
         for i in range(n):
             emotions[i] = np.zeros((0, self.n_classes), dtype=np.float32)
-        chip_col = batch.get("face_chips")
-        rows = [r for r in rows if chip_col is not None and len(chip_col[r])]
-        per_photo = [np.asarray(chip_col[r], dtype=np.uint8) for r in rows] if chip_col is not None else []
+        if "face_chips" not in batch:
+            raise KeyError("EmotionUDF needs the face_chips column of FacesUDF before it")
+        chip_col = batch["face_chips"]
+        rows = [r for r in rows if len(chip_col[r])]
+        per_photo = [np.asarray(chip_col[r], dtype=np.uint8) for r in rows]
 
         def predict(chip_sets: list[np.ndarray]) -> list[np.ndarray]:
             probs = self.model.predict(np.concatenate(chip_sets))
