@@ -20,9 +20,10 @@ index versions:
   built once and reused by every photo of the burst); top-5 by L2 on the codes, then verification on
   the uncompressed templates against a threshold calibrated on the templates (target FAR 1e-2) →
   ``suggestions`` with the app-transaction ``photolens.suggest/<run_id>`` (a re-run commits nothing).
-* ``forget``: tombstone first (later tagging runs skip the user), then a Delta delete of the user's
-  rows in every table of both roots, vacuum with an explicit retention, removal of unreferenced files
-  that still hold the user's rows, removal from every index version, and a receipt without vectors.
+* ``forget``: tombstone first (later tagging runs skip the user), then one Delta commit per table of
+  both roots removing the user's rows (files holding them rewritten with pyarrow), vacuum with an
+  explicit retention, removal of unreferenced files that still hold the user's rows, removal from
+  every index version, and a receipt without vectors.
 
 Ray is used only where the work parallelises (codec training and shard encoding, per-uploader
 suggestion groups); the per-user template and clustering loops are small numpy work in the driver.
@@ -121,11 +122,6 @@ def _now() -> dt.datetime:
 
 def _new_run_id(prefix: str) -> str:
     return f"{prefix}-{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-
-
-def _sql_str(value: str) -> str:
-    """A SQL string literal for a Delta predicate (quotes doubled, as SQL escapes them)."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _props(app_id: str | None, meta: Mapping[str, str] | None = None) -> CommitProperties:
@@ -478,14 +474,12 @@ def cluster_people(cfg: PeopleConfig) -> dict[str, Any]:
         "run_id": pa.array([run_id] * n, pa.string()),
     })
     data = conform(data, PEOPLE)
-    table = lake.ensure("people")
-    predicate = f"user_id = {_sql_str(cfg.user)}"
-    meta = {"photolens.run_id": run_id, "photolens.job": "people"}
-    if n:
-        # Replace exactly this user's rows, in one commit: readers never see the gallery half-done.
-        write_deltalake(table, data, mode="overwrite", predicate=predicate, commit_properties=_props(None, meta))
-    else:
-        table.delete(predicate, commit_properties=_props(None, meta))
+    # Replace exactly this user's rows in one commit (new file added, the user's old rows rewritten
+    # away by pyarrow): readers never see the gallery half-done. Not delta-rs' delete/overwrite-where,
+    # whose rewritten files come back as string_view columns that pyarrow dataset filters refuse.
+    staged = lake.stage("people", data, tag=f"people-{run_id}")
+    lake.commit_staged("people", staged, PEOPLE_APP + run_id, 1, {"photolens.run_id": run_id},
+                       replace=("user_id", [cfg.user]))
     # A cannot-link check on what is written, cheap and independent of the clustering code.
     violations = 0
     for person in range(len(sizes)):
@@ -669,24 +663,24 @@ def _index_config(cfg: IndexBuildConfig, model_version: str) -> Any:
                        n_eval_queries=cfg.n_eval_queries, model_version=model_version, threads=cfg.threads)
 
 
-def _held_out_faces(lake: Lake, model: str, members: set[str], n: int, seed: int) -> np.ndarray:
-    """Gated faces of the index's model that are in no template: real queries the index never saw."""
+def _faces_outside_templates(lake: Lake, model: str, members: set[str], n: int, seed: int) -> np.ndarray:
+    """Up to ``n`` gated faces of the index's model that are in no template (seeded sample, shuffled)."""
     where = (pc.field("passed_gate") == True) & (pc.field("embedding_model") == model)  # noqa: E712
     faces = lake.read("faces", ["face_id", "embedding"], where)
     faces = faces.filter(pc.is_valid(faces.column("embedding")))
     if members and faces.num_rows:
         faces = faces.filter(pc.invert(pc.is_in(faces.column("face_id"), pa.array(sorted(members), pa.string()))))
-    if faces.num_rows > n:
-        rows = np.sort(np.random.default_rng(seed).choice(faces.num_rows, n, replace=False))
-        faces = faces.take(pa.array(rows))
+    rows = np.random.default_rng(seed).permutation(faces.num_rows)[:n]
+    faces = faces.take(pa.array(rows, pa.int64()))
     return l2_normalise(_embedding_matrix(faces.column("embedding"))) if faces.num_rows else np.zeros((0, 0))
 
 
 def build_face_index(cfg: IndexBuildConfig, *, extra_training: np.ndarray | None = None) -> dict[str, Any]:
     """Train, encode (Ray tasks per shard), merge, measure, store a version; publish if asked.
 
-    The codec is trained on a seeded sample of face embeddings: the template vectors plus the gated
-    faces of the same model (the distribution search queries come from). ``extra_training`` adds
+    The codec is trained on a seeded sample of face embeddings: the template vectors plus gated faces
+    of the same model that are in no template and not held out for the recall report (the
+    distribution search queries come from). ``extra_training`` adds
     vectors to that pool only (never to the index): for tests and tiny lakes below the 256 vectors
     one 8-bit codebook needs.
     """
@@ -728,10 +722,11 @@ def build_face_index(cfg: IndexBuildConfig, *, extra_training: np.ndarray | None
     ids = np.concatenate([np.full(len(m), user_key(u), dtype=np.int64) for u, m in zip(users, mats, strict=True)])
     n, d = vectors.shape
     members = {f for fl in rows.column("member_face_ids").to_pylist() for f in (fl or ())}
-    queries = _held_out_faces(lake, model, members, cfg.n_eval_queries, cfg.seed)
-    pool_parts = [vectors]
-    if len(queries):
-        pool_parts.append(queries)
+    # Faces in no template: the first ones are the held-out queries of the recall report (real queries
+    # the index never saw), the rest join the codec's training sample (the distribution queries come from).
+    others = _faces_outside_templates(lake, model, members, cfg.n_eval_queries + cfg.train_size, cfg.seed)
+    queries, other_train = others[:cfg.n_eval_queries], others[cfg.n_eval_queries:]
+    pool_parts = [vectors] + ([other_train] if len(other_train) else [])
     n_extra = 0
     if extra_training is not None and len(extra_training):
         pool_parts.append(l2_normalise(np.asarray(extra_training, dtype=np.float32)))
@@ -771,7 +766,7 @@ def build_face_index(cfg: IndexBuildConfig, *, extra_training: np.ndarray | None
             "templates_table_version": lake.version("templates"),
             "templates_of_other_models_skipped": int(skipped),
             "eval_queries": "gated faces in no template" if len(queries) else "leave-one-out over the templates",
-            "train_pool": {"template_vectors": n, "held_out_faces": len(queries), "extra": n_extra},
+            "train_pool": {"template_vectors": n, "other_faces": len(other_train), "extra": n_extra},
             "memory_budget_mb": cfg.memory_budget_mb,
             "config": asdict(cfg),
             "timings_s": {"train": round(t1 - t0, 3), "encode": round(t2 - t1, 3), "merge_eval": round(t3 - t2, 3)},
@@ -1135,27 +1130,77 @@ def _in_flight_runs(lake: Lake) -> list[str]:
     return sorted(runs)
 
 
-def _user_predicate(columns: Sequence[str], user: str, face_ids: Sequence[str]) -> str | None:
-    lit = _sql_str(user)
-    terms = [f"{c} = {lit}" for c in USER_COLUMNS if c in columns]
-    terms += [f"array_has({c}, {lit})" for c in USER_LIST_COLUMNS if c in columns]
-    if face_ids and "face_id" in columns:
-        terms.append(f"face_id IN ({', '.join(_sql_str(f) for f in face_ids)})")
-    return " OR ".join(terms) if terms else None
+def _plain_strings(table: pa.Table) -> pa.Table:
+    """``string_view`` columns (delta-rs writes them when it rewrites files) cast back to ``string``."""
+
+    def plain(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_string_view(t) or pa.types.is_large_string(t):
+            return pa.string()
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+            return pa.list_(plain(t.value_type))
+        return t
+
+    target = pa.schema([f.with_type(plain(f.type)) for f in table.schema], metadata=table.schema.metadata)
+    return table if target.equals(table.schema) else table.cast(target)
 
 
-def _holds_user(body: pa.Table, user: str, face_ids: set[str]) -> bool:
+def _user_mask(body: pa.Table, user: str, face_ids: set[str]) -> np.ndarray:
+    """Rows of ``body`` (plain strings) that name the user, or hold one of ``face_ids``."""
+    mask = np.zeros(body.num_rows, dtype=bool)
     for c in USER_COLUMNS:
-        if c in body.column_names and pc.any(pc.fill_null(pc.equal(body.column(c), user), False)).as_py():
-            return True
+        if c in body.column_names:
+            mask |= pc.fill_null(pc.equal(body.column(c), user), False).to_numpy(zero_copy_only=False)
     for c in USER_LIST_COLUMNS:
         if c in body.column_names:
-            flat = pc.list_flatten(body.column(c))
-            if len(flat) and pc.any(pc.fill_null(pc.equal(flat, user), False)).as_py():
-                return True
+            col = body.column(c).combine_chunks()
+            flat = pc.list_flatten(col)
+            if len(flat):
+                hit = pc.fill_null(pc.equal(flat, user), False).to_numpy(zero_copy_only=False)
+                parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+                mask[np.unique(parents[hit])] = True
     if face_ids and "face_id" in body.column_names:
-        return bool(pc.any(pc.is_in(body.column("face_id"), pa.array(sorted(face_ids), pa.string()))).as_py())
-    return False
+        mask |= pc.is_in(body.column("face_id"), pa.array(sorted(face_ids), pa.string())).to_numpy(
+            zero_copy_only=False)
+    return mask
+
+
+def _delete_rows(lake: Lake, uri: str, table: DeltaTable, user: str, face_ids: set[str]) -> int:
+    """Delete the user's rows in one Delta commit: each file holding some is removed and its other rows
+    re-added as a new file (pyarrow, plain string types). Returns the rows deleted."""
+    from deltalake.transaction import AddAction, RemoveAction
+
+    from photolens.lake.delta import file_stats
+
+    fs, root = filesystem_for(uri, lake.s3)
+    partition_by = list(table.metadata().partition_columns)
+    now_ms = int(_now().timestamp() * 1000)
+    actions: list[AddAction | RemoveAction] = []
+    deleted = 0
+    for add in pa.table(table.get_add_actions(flatten=True)).to_pylist():
+        path = add["path"]
+        with fs.open_input_file(f"{root}/{path}") as f:
+            body = _plain_strings(pq.read_table(f))
+        hit = _user_mask(body, user, face_ids)
+        if not hit.any():
+            continue
+        deleted += int(hit.sum())
+        parts = {k.removeprefix("partition."): None if v is None else str(v)
+                 for k, v in add.items() if k.startswith("partition.")}
+        actions.append(RemoveAction(path, True, now_ms, add["size_bytes"], parts))
+        keep = body.filter(pa.array(~hit))
+        if keep.num_rows:
+            folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+            rel = f"{folder}part-forget-{uuid.uuid4().hex[:12]}.parquet"
+            with fs.open_output_stream(f"{root}/{rel}") as f:
+                pq.write_table(keep, f, compression="zstd")
+            size = fs.get_file_info(f"{root}/{rel}").size
+            actions.append(AddAction(rel, size, parts, now_ms, True, file_stats(keep, skip=tuple(partition_by))))
+    if actions:
+        table.create_write_transaction(actions, mode="append", schema=table.schema(),
+                                       partition_by=partition_by or None,
+                                       commit_properties=_props(None, {"photolens.job": "forget"}))
+        table.update_incremental()
+    return deleted
 
 
 def _scrub_unreferenced(lake: Lake, uri: str, table: DeltaTable, user: str, face_ids: set[str],
@@ -1179,8 +1224,8 @@ def _scrub_unreferenced(lake: Lake, uri: str, table: DeltaTable, user: str, face
         if join_uri(uri, rel) in referenced or rel in referenced:
             continue
         with fs.open_input_file(info.path) as f:
-            body = pq.read_table(f)
-        if not _holds_user(body, user, face_ids):
+            body = _plain_strings(pq.read_table(f))
+        if not _user_mask(body, user, face_ids).any():
             continue
         if any(f"part-{run}-" in info.base_name for run in in_flight):
             kept_in_flight += 1
@@ -1212,20 +1257,19 @@ def _forget_tables(lake: Lake, user: str, retention_hours: int) -> tuple[dict[st
             continue
         table = DeltaTable(uri, storage_options=storage)
         columns = [f.name for f in table.schema().fields]
-        predicate = _user_predicate(columns, user, verified_faces if name in ("faces", "people") else [])
-        if predicate is None:
+        face_ids = set(verified_faces) if name in ("faces", "people") else set()
+        if not set(columns) & {*USER_COLUMNS, *USER_LIST_COLUMNS}:
             continue
         before = table.version()
-        metrics = table.delete(predicate, commit_properties=_props(None, {"photolens.job": "forget"}))
-        table.update_incremental()
+        n_deleted = _delete_rows(lake, uri, table, user, face_ids)
         vacuumed = table.vacuum(retention_hours=retention_hours, dry_run=False,
                                 enforce_retention_duration=enforce,
                                 commit_properties=_props(None, {"photolens.job": "forget"}))
         table.update_incremental()
-        scrub = _scrub_unreferenced(lake, uri, table, user, set(verified_faces), in_flight, retention_hours)
+        scrub = _scrub_unreferenced(lake, uri, table, user, face_ids, in_flight, retention_hours)
         tables[name] = {
             "uri": uri,
-            "rows_deleted": int(metrics.get("num_deleted_rows", 0) or 0),
+            "rows_deleted": n_deleted,
             "version_before": before,
             "version_after": table.version(),
             "matched_on": [c for c in (*USER_COLUMNS, *USER_LIST_COLUMNS) if c in columns]
@@ -1348,10 +1392,10 @@ def forget_user(cfg: ForgetConfig, *, extra_training: np.ndarray | None = None) 
             if not enforce else "Delta's retention check was left on",
         },
         "index": index,
-        "caches": ("friend-index caches live inside one suggest task and are keyed by the published index "
-                   "version, which this forget replaced: no cache outlives it"),
-        "delta_log_note": ("the Delta logs keep the user id in the delete's predicate and in old file "
-                           "statistics until log retention (delta.logRetentionDuration) expires; no vectors"),
+        "caches": ("none to clear: friend-index caches exist only inside one suggest task and end with it, "
+                   "and the templates they are built from are deleted above"),
+        "delta_log_note": ("the Delta logs keep the user id in the min/max statistics of removed files until "
+                           "log retention (delta.logRetentionDuration) expires; they hold no vectors"),
         "in_flight_runs": in_flight,
         "pending": pending,
         "complete": not pending,

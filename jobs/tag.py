@@ -556,8 +556,8 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     report.seconds = time.perf_counter() - t_pipe
     report.status_counts, report.error_counts = dict(statuses), dict(errors)
     report.stages = [
-        {"stage": s, "rows": int(stage_rows[s]), "seconds": round(stage_seconds[s], 3),
-         "rows_per_s": round(stage_rows[s] / stage_seconds[s], 2) if stage_seconds[s] else 0.0}
+        {"stage": s, "rows": int(stage_rows[s]), "seconds": stage_seconds[s],
+         "rows_per_s": stage_rows[s] / stage_seconds[s] if stage_seconds[s] else 0.0}
         for s in ("fetch", "decode", *MODEL_STAGES, "embed", "emotion") if s in stage_seconds
     ]
     n_rows = sum(f.num_rows for f in files["photos"])

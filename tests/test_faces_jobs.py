@@ -126,15 +126,10 @@ def face_set(model_store: str) -> FaceSet:
     if not (DEEPFACE / "master.csv").is_file():
         pytest.skip(f"real test photos not found at {DEEPFACE} (they live in ../shared/data beside the checkout)")
     groups = identity_groups([DEEPFACE / "master.csv"])
-    import os, pickle  # DEVTMP
-    if os.path.exists("/tmp/fj/faceset.pkl"):  # DEVTMP
-        return pickle.load(open("/tmp/fj/faceset.pkl", "rb"))  # DEVTMP
     names = sorted({*groups, *GROUP_SHOTS, *(p for _, p, _, _ in PHOTOS)})
     found, missing, models = embed_photos([DEEPFACE / n for n in names], model_store)
     assert not missing, missing
-    fs = FaceSet(found, groups, models["embed"])
-    pickle.dump(fs, open("/tmp/fj/faceset.pkl", "wb"))  # DEVTMP
-    return fs
+    return FaceSet(found, groups, models["embed"])
 
 
 def _face_rows(fs: FaceSet, user: str, name: str, profile: bool, run: str) -> list[dict[str, Any]]:
