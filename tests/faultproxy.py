@@ -104,7 +104,7 @@ class FaultProxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base class signature
+            def log_message(self, format: str, *args: object) -> None:
                 pass
 
             def _relay(self) -> None:

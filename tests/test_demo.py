@@ -39,9 +39,10 @@ def test_demo_prints_a_report_with_real_tags(demo: tuple[Path, str]) -> None:
     photos = {r["uri"].rsplit("/", 1)[-1]: r for r in lake.read("photos").to_pylist()}
     assert len(photos) == 14
     assert photos["chelsea.png"]["status"] == "ok"
-    cats = {r["category"] for r in lake.read("detections").to_pylist() if r["photo_id"] == photos["chelsea.png"]["photo_id"]}
+    detections = lake.read("detections").to_pylist()
+    cats = {r["category"] for r in detections if r["photo_id"] == photos["chelsea.png"]["photo_id"]}
     assert "cat" in cats
-    motorbikes = {r["photo_id"] for r in lake.read("detections").to_pylist() if r["category"] == "motorcycle"}
+    motorbikes = {r["photo_id"] for r in detections if r["category"] == "motorcycle"}
     assert photos["motorcycle.png"]["photo_id"] in motorbikes
     # Faces make a photo private; the astronaut's portrait has one, the coffee cup none.
     assert photos["astronaut.png"]["is_private"] is True
