@@ -84,6 +84,16 @@ class TagConfig:
     fetch_base_delay_s: float = 0.2
     todo_shard_rows: int = 50_000
     device: str | None = None  # torch device for model stages; default cuda when num_gpus > 0
+    # model choices (names in the model store) and GPU numerics
+    detector: str = "ssd_mobilenet_v2_coco"
+    detector_arch: str | None = None
+    detect_score_threshold: float = 0.5
+    scene_model: str = "mobilenet_v2_imagenet"
+    embedder: str = "dlib_resnet34"
+    arcface_arch: str = "iresnet50"
+    landmark_references: str | None = None
+    bf16: bool = False
+    channels_last: bool = False
     progress: bool = True
     fault: str | None = None  # test hook: "crash_after_batches=N" | "crash_before_commit=<table>"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -437,7 +447,8 @@ def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: 
         if cfg.accelerator_type:
             resources["accelerator_type"] = cfg.accelerator_type
         device = cfg.device or ("cuda" if cfg.num_gpus > 0 else "cpu")
-        for udf_cls, udf_cfg in stage_udfs(model_stages, cfg.model_store, device, s3_for_workers):
+        for udf_cls, udf_cfg in stage_udfs(model_stages, cfg.model_store, device, s3_for_workers,
+                                           recognize_options(cfg)):
             ds = ds.map_batches(udf_cls, fn_constructor_kwargs={"config": udf_cfg}, batch_size=cfg.batch_size,
                                 compute=pool, **resources)
         from photolens.schemas.emotions import EMOTIONS
@@ -629,6 +640,16 @@ def _write_runs_row(lake: Lake, cfg: TagConfig, report: RunReport, started_at: d
     lake.append("runs", pa.Table.from_pylist([row]), app_id=APP_PREFIX + report.run_id, txn_version=1)
 
 
+def recognize_options(cfg: TagConfig) -> Any:
+    from photolens.udfs.recognize import RecognizeOptions
+
+    return RecognizeOptions(
+        detector=cfg.detector, detector_arch=cfg.detector_arch, detect_score_threshold=cfg.detect_score_threshold,
+        scene_model=cfg.scene_model, landmark_references=cfg.landmark_references, embedder=cfg.embedder,
+        arcface_arch=cfg.arcface_arch, bf16=cfg.bf16, channels_last=cfg.channels_last,
+    )
+
+
 def preflight_models(cfg: TagConfig, s3: S3Settings | None) -> dict[str, str]:
     model_stages = [s for s in MODEL_STAGES if s in cfg.stages]
     if not model_stages:
@@ -637,7 +658,7 @@ def preflight_models(cfg: TagConfig, s3: S3Settings | None) -> dict[str, str]:
     from photolens.udfs.recognize import required_models
 
     store = ModelStore(cfg.model_store or default_store_uri(), s3)
-    entries = store.require(required_models(model_stages))
+    entries = store.require(required_models(model_stages, recognize_options(cfg)))
     return {e.role: e.tag for e in entries.values()}
 
 

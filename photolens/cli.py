@@ -38,6 +38,12 @@ def _add_tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-actors", dest="cpu_actors", type=int, help="upper bound of the fetch/decode pools")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--device", help="torch device for model stages (default: cuda when --num-gpus > 0)")
+    p.add_argument("--detector", help="model-store name of the detector (an SSD graph or a torchvision checkpoint)")
+    p.add_argument("--scene-model", dest="scene_model", help="model-store name of the scene model (e.g. Places365)")
+    p.add_argument("--embedder", help="model-store name of the face embedder (dlib_resnet34 or an ArcFace checkpoint)")
+    p.add_argument("--landmark-references", dest="landmark_references", help="references built by landmarks build")
+    p.add_argument("--bf16", action="store_const", const=True, help="bf16 autocast on GPU model stages")
+    p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True)
     p.add_argument("--config", help="YAML file with the same keys (snake_case); flags win")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
 
