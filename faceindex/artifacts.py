@@ -238,6 +238,16 @@ class IndexStore:
         events = [*self.history(), {"action": action, "version": vid, "at": now}]
         self._write_atomic(self._path(HISTORY_FILE), self._dump(events))
 
+    def repoint(self, vid: str, previous: list[str], action: str) -> None:
+        """Point readers at ``vid`` with an explicit rollback chain (forget-a-user swaps in scrubbed copies)."""
+        self._swap(vid, previous, action)
+
+    def delete_version(self, vid: str) -> None:
+        """Remove a version's files; refuses the published one."""
+        if self.current() == vid:
+            raise ValueError(f"version {vid} is published: publish or repoint another one first")
+        self._fs.delete_dir(self._path("versions", vid))
+
     def publish(self, vid: str) -> None:
         """Make ``vid`` the version readers load; the one it replaces becomes the rollback target."""
         pointer = self._pointer()

@@ -32,7 +32,7 @@ from photolens.udfs.recognize import DEFAULT_MODELS
 Handler = Callable[[argparse.Namespace], int]
 # Modules adding more ``eval`` sub-commands, each with ``register_eval(eval_subparsers)``: the face index's
 # ``eval clustering`` belongs here once it exists.
-EVAL_MODULES: tuple[str, ...] = ()
+EVAL_MODULES: tuple[str, ...] = ("photolens.jobs.faces",)
 # MTCNN's O-Net score above which a face counts as confident when choosing a photo's main face.
 MAIN_FACE_MIN_SCORE = 0.9
 FAR_TARGET = 1e-2

@@ -1336,12 +1336,9 @@ def _forget_in_index(cfg: ForgetConfig, stamp: str, extra_training: np.ndarray |
         new_previous = [replaced.get(p, p) for p in previous]
         to_delete = list(containing)
     if new_current is not None:
-        # IndexStore has publish/rollback only; re-pointing the rollback chain at the scrubbed copies
-        # is the same atomic pointer write they use.
-        store._swap(new_current, new_previous, "forget")
-    fs, root = filesystem_for(cfg.index_store)
+        store.repoint(new_current, new_previous, "forget")
     for vid in to_delete:
-        fs.delete_dir(f"{root.rstrip('/')}/versions/{vid}")
+        store.delete_version(vid)
     return {**out, "current_after": new_current, "previous_after": new_previous, "replaced": replaced,
             "deleted": to_delete, "removed_vectors_from_current": removed_vectors,
             "versions_after": len(store.list_versions())}

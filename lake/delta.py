@@ -155,7 +155,13 @@ class Lake:
             empty = self.spec(name).schema.empty_table()
             return empty.select(columns) if columns else empty
         ds = table.to_pyarrow_dataset()
-        return ds.to_table(columns=columns, filter=filters)
+        try:
+            return ds.to_table(columns=columns, filter=filters)
+        except pa.ArrowNotImplementedError:
+            # Files rewritten by delta-rs (delete, overwrite with a predicate) carry string_view columns,
+            # which pyarrow's dataset filters refuse to compare with plain strings: filter in memory.
+            data = ds.to_table().filter(filters)
+            return data.select(columns) if columns else data
 
     def version(self, name: str) -> int | None:
         table = self.open(name)

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Job modules that own their sub-commands and flags (each has ``register(subparsers)``).
-_JOB_MODULES: tuple[str, ...] = ("photolens.jobs.evaluate", "photolens.jobs.landmarks")
+_JOB_MODULES: tuple[str, ...] = ("photolens.jobs.evaluate", "photolens.jobs.landmarks", "photolens.jobs.faces")
 
 
 def _storage_options(uri: str) -> dict[str, str] | None:

@@ -16,7 +16,6 @@ the codec is trained on the real face embeddings padded with seeded synthetic id
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -59,8 +58,6 @@ from photolens.jobs.faces import (
     format_clustering,
     identity_groups,
     index_info,
-    register,
-    register_eval,
     rollback_index,
     run_suggest,
     suggest_for_uploaders,
@@ -183,12 +180,9 @@ def _templates(lake: Lake) -> dict[str, dict[str, Any]]:
 
 
 def test_cli_registers_every_command() -> None:
-    from photolens.jobs.evaluate import register as register_evaluate
+    from photolens.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="photolens")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    register_evaluate(sub, extra_eval=[register_eval])
+    parser = build_parser()
     cases = {
         "templates build --lake L --max-photos 5 --profile-from pattern": ("templates_cmd", "build"),
         "people cluster --lake L --user u --linkage single --rank-order": ("people_cmd", "cluster"),
@@ -241,7 +235,8 @@ def test_calibration_separates_synthetic_identities() -> None:
 def test_suggest_task_reuses_one_friend_index_per_burst() -> None:
     ids = make_identities(6, 4, seed=4)
     templates = {f"f{i}": ids.embeddings[ids.labels == i] for i in range(6)}
-    codec = train(np.concatenate([ids.embeddings, _padding()]), FaissIndexConfig(factory=FACTORY, train_size=1000))
+    codec = train(np.concatenate([ids.embeddings, _padding()]),
+                  FaissIndexConfig(factory=FACTORY, train_size=1000, threads=1))
     faces = sample_faces(ids.centres, np.array([0, 0, 2, 5]), seed=1)
     groups = [("up1", ["p1", "p1", "p2", "p3"], ["a", "b", "c", "d"], faces),
               ("up2", ["q1"], ["e"], faces[2:3])]
