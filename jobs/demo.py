@@ -97,6 +97,10 @@ def print_queries(lake_root: str, storage_options: dict[str, str] | None) -> Non
             "GROUP BY ALL ORDER BY user_id, photos DESC, best DESC"
         ),
     }
+    queries["scenes, faces and privacy per photo"] = (
+        "SELECT user_id, regexp_extract(uri, '[^/]+$') AS photo, scene_coarse, round(scene_coarse_score, 2) AS p, "
+        "scene_labels[1] AS top_scene, n_faces, is_private FROM photos WHERE status = 'ok' ORDER BY user_id, photo"
+    )
     for title, sql in queries.items():
         print(f"\n-- {title}\n{sql};")
         print(con.sql(sql))
