@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -132,17 +131,13 @@ def test_eval_faces_through_the_cli(tmp_path: Path, store_uri: str, capsys: pyte
 
 
 def test_cli_registers_detection_and_extra_eval_commands() -> None:
-    parser = argparse.ArgumentParser(prog="photolens")
-    added = []
+    from photolens.cli import build_parser
 
-    def clustering(cmds: Any) -> None:
-        p = cmds.add_parser("clustering")
-        p.set_defaults(handler=lambda _args: 0)
-        added.append("clustering")
-
-    register(parser.add_subparsers(dest="command", required=True), extra_eval=(clustering,))
+    parser = build_parser()
     args = parser.parse_args(["eval", "detection", "--annotations", "a.json", "--images", "imgs"])
     assert args.score_threshold == 0.05 and args.model == "ssd_mobilenet_v2_coco" and callable(args.handler)
-    assert added == ["clustering"] and parser.parse_args(["eval", "clustering"]).handler(None) == 0
+    # eval clustering comes from the face jobs through EVAL_MODULES
+    args = parser.parse_args(["eval", "clustering", "--faces-dir", "d", "--pairs", "p.csv"])
+    assert args.eval_cmd == "clustering" and callable(args.handler)
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "faces", "--images", "x"])  # --pairs is required
