@@ -10,7 +10,8 @@ Protocol of a run (``photolens tag``):
    app-transaction ``(photolens.tag/<run_id>, attempt)``; the ``photos`` commit is the run's completion;
 4. a restarted run whose ``photos`` commit is missing first deletes the rows its earlier attempt committed to
    child tables, so a crash between commits never leaves duplicates; a run whose ``photos`` commit exists
-   commits nothing again.
+   commits nothing again, whichever attempt asks (``commit_staged`` checks the completion itself, so a second
+   driver started with the same run id while the first was still running cannot add its rows again).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from deltalake.transaction import AddAction, RemoveAction
 from photolens.lake.storage import Location, S3Settings, filesystem_for, join_uri, read_bytes, write_bytes_atomic
 from photolens.schemas.tables import TABLES, SchemaMismatchError, TableSpec, conform, diff_schemas
 
+# The table whose commit completes a run (protocol step 3): once it carries a run's app id, the run is done.
+COMPLETION_TABLE = "photos"
 # Columns whose min/max go into the Delta stats, so readers and per-user deletes can skip files.
 _STATS_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp, pa.types.is_string,
                 pa.types.is_boolean)
@@ -233,6 +236,10 @@ class Lake:
         spec = self.spec(name)
         table = self.ensure(name)
         if (table.transaction_version(app_id) or 0) >= txn_version:
+            return None
+        # The run already completed under another attempt (a twin driver of the same run id, whose higher
+        # attempt number would pass the check above): its rows are in, commit nothing more of it.
+        if self.committed_version(COMPLETION_TABLE, app_id) is not None:
             return None
         now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
         actions: list[AddAction | RemoveAction] = [

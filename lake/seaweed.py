@@ -86,7 +86,7 @@ class LocalS3:
         b = self.base_port
         cmd = [
             weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-admin.ui=false", f"-s3.port={b}", "-s3.port.iceberg=0", f"-master.port={b + 1}",
+            "-admin.ui=false", f"-s3.port={b}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-master.port={b + 1}",
             f"-filer.port={b + 2}", f"-volume.port={b + 3}", f"-webdav.port={b + 4}",
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}

@@ -95,7 +95,9 @@ class S3Settings:
 
         config = botocore.config.Config(
             s3={"addressing_style": "path"} if self.endpoint_url else {},
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first request; botocore's max_attempts counts retries after it, which
+            # doubled every request of the fetcher's own retry loop (a throttled key got 2x the requests).
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_pool_connections=32,
