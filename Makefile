@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_stages.py
 	$(PY) bench/bench_index.py
+	$(PY) bench/bench_plan.py
 
 clean:
 	rm -rf $(VENV) .photolens build *.egg-info

@@ -592,10 +592,11 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     ledger = lake.get_json(ledger_uri) or {}
     attempt = int(ledger.get("attempt", 0)) + 1
     report.attempt = attempt
+    # Planning only reads the manifest and writes todo shards under _photolens/staging, so a bad manifest
+    # stops the job here with no ledger entry; the entry is written before any table file is staged.
+    plan = plan_run(cfg, lake, run_id, attempt, s3)
     lake.put_json(ledger_uri, {"run_id": run_id, "attempt": attempt, "state": "started",
                                "started_at": started_at.isoformat(), "config": cfg.public_dict()})
-
-    plan = plan_run(cfg, lake, run_id, attempt, s3)
     for k in ("n_manifest", "n_todo", "n_done_before", "n_unowned", "n_forgotten", "n_duplicates"):
         setattr(report, k, getattr(plan, k))
     run_date = started_at.strftime("%Y-%m-%d")
@@ -648,9 +649,12 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     if _fault(cfg, "crash_before_commit") == "photos":
         _crash("before committing photos")
     report.seconds = time.perf_counter() - t_pipe
-    lake.commit_staged("photos", files["photos"], app_id, attempt,
-                       {**custom, "photolens.report": report.to_json()},
-                       replace=("photo_id", plan.replaced_ids) if plan.replaced_ids else None)
+    landed = lake.commit_staged("photos", files["photos"], app_id, attempt,
+                                {**custom, "photolens.report": report.to_json()},
+                                replace=("photo_id", plan.replaced_ids) if plan.replaced_ids else None)
+    if landed is None:
+        # A twin driver of this run id completed first; our staged files stay uncommitted (VACUUM removes them).
+        report.status = "already committed"
     report.table_versions = {n: lake.version(n) for n in report.tables}
     _write_runs_row(lake, cfg, report, started_at)
     report.table_versions["runs"] = lake.version("runs")

@@ -37,6 +37,9 @@ def _add_tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-actors", dest="max_actors", type=int, help="upper bound of each model actor pool")
     p.add_argument("--cpu-actors", dest="cpu_actors", type=int, help="upper bound of the fetch/decode pools")
     p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--fetch-attempts", dest="fetch_attempts", type=int, help="attempts per photo read (default 5)")
+    p.add_argument("--decode-time-limit", dest="decode_time_limit_s", type=float,
+                   help="seconds one photo may take to decode before it becomes a DECODE_TIMEOUT row (default 10)")
     p.add_argument("--device", help="torch device for model stages (default: cuda when --num-gpus > 0)")
     p.add_argument("--detector", help="model-store name of the detector (an SSD graph or a torchvision checkpoint)")
     p.add_argument("--scene-model", dest="scene_model", help="model-store name of the scene model (e.g. Places365)")

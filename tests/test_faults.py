@@ -505,8 +505,8 @@ def test_f6_unexpected_manifest_column_stops_the_run_before_any_commit(tmp_path:
     with pytest.raises(ManifestError, match="owner_email"):
         run_tag(cfg)
     assert all(v is None for v in _versions(lake).values())
-    # The ledger records an attempt that never committed; the next run rolls it back (see F2).
-    assert _ledger(lake, "bad-manifest")["state"] == "started"
+    # Planning fails before the ledger entry is written: nothing of the run exists.
+    assert not exists(lake.meta_uri("runs", "bad-manifest.json"))
 
 
 # ---------------------------------------------------------------------------------------------- F8
