@@ -49,6 +49,7 @@ import scipy.fft
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from photolens.schemas.errors import ErrorCode, Stage, Status
+from photolens.udfs.columns import text_column
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -648,10 +649,10 @@ class DecodeUDF:
             raise KeyError("DecodeUDF needs a 'data' column of photo bytes")
         data = batch["data"]
         n = len(data)
-        status = _text_column(batch.get("status"), n, Status.OK.value)
-        error_code = _text_column(batch.get("error_code"), n, None)
-        error_stage = _text_column(batch.get("error_stage"), n, None)
-        error_detail = _text_column(batch.get("error_detail"), n, None)
+        status = text_column(batch.get("status"), n, Status.OK.value)
+        error_code = text_column(batch.get("error_code"), n, None)
+        error_stage = text_column(batch.get("error_stage"), n, None)
+        error_detail = text_column(batch.get("error_detail"), n, None)
 
         image = np.empty(n, dtype=object)
         width = np.zeros(n, dtype=np.int32)
@@ -712,18 +713,6 @@ class DecodeUDF:
             decode_seconds=seconds,
         )
         return out
-
-
-def _text_column(column: np.ndarray | None, n: int, default: str | None) -> np.ndarray:
-    """A fresh object column of str/None. Ray hands an all-null Arrow column over as float NaNs."""
-    out = np.full(n, default, dtype=object)
-    if column is not None:
-        for i, value in enumerate(column):
-            if isinstance(value, str):
-                out[i] = value
-            elif isinstance(value, bytes):
-                out[i] = value.decode("utf-8", "replace")
-    return out
 
 
 def _payload(value: object) -> bytes | bytearray | memoryview | None:

@@ -41,6 +41,7 @@ from photolens.models.face_align import QualityGate
 from photolens.models.landmark import References, ReferencesError
 from photolens.models.store import ModelEntry, ModelStore, ModelStoreError, default_store_uri
 from photolens.schemas.errors import ErrorCode, Stage, Status
+from photolens.udfs.columns import text_column
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -237,18 +238,6 @@ def stage_udfs(stages: Sequence[str], model_store_uri: str | None, device: str, 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _text(column: Any, n: int) -> np.ndarray:
-    """A fresh, writable object column of str/None (Ray hands all-null columns over as float NaN)."""
-    out = np.full(n, None, dtype=object)
-    if column is not None:
-        for i, value in enumerate(column):
-            if isinstance(value, str):
-                out[i] = value
-            elif isinstance(value, bytes):
-                out[i] = value.decode("utf-8", "replace")
-    return out
-
-
 # Columns holding a Python list per row. Ray hands an Arrow list column to the next UDF as 1-D ndarrays;
 # passed on as such, a batch whose first row has one becomes a tensor column while a batch starting
 # with a null becomes a list column, and Ray then cannot concatenate the two. Lists keep it a list.
@@ -330,7 +319,7 @@ class _ModelUDF:
         n = len(batch["status"])
         out = dict(batch)
         for name in ("status", "error_code", "error_stage", "error_detail"):
-            out[name] = _text(batch.get(name), n)
+            out[name] = text_column(batch.get(name), n)
         for name in _LIST_COLUMNS:
             if name in out:
                 out[name] = _as_lists(out[name])
