@@ -553,8 +553,13 @@ def ensure_ray(num_gpus: float = 0.0) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False, num_gpus=num_gpus if num_gpus else None)
+    # Our own bar counts photos end to end; Ray Data's per-operator bars (or, off a terminal, its progress
+    # log lines every few seconds) would bury the run report.
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = False
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
