@@ -168,6 +168,7 @@ class RunReport:
     table_versions: dict[str, int | None] = field(default_factory=dict)
     model_versions: dict[str, str] = field(default_factory=dict)
     tables: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def photos_per_s(self) -> float:
@@ -196,6 +197,7 @@ class RunReport:
             lines.append("  models: " + ", ".join(f"{k}={v}" for k, v in sorted(self.model_versions.items())))
         for name, uri in self.tables.items():
             lines.append(f"  table {name:<11} {uri}  (version {self.table_versions.get(name)})")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -578,6 +580,7 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     # Preflight: everything that can fail does so here, before a byte is written.
     for name in ("photos", "detections", "faces", "runs", "tombstones"):
         lake.check_schema(name)
+    cfg = _landmark_preflight(cfg, s3, report)
     model_versions = preflight_models(cfg, s3)
     report.model_versions = model_versions
 
@@ -710,6 +713,25 @@ def _write_runs_row(lake: Lake, cfg: TagConfig, report: RunReport, started_at: d
         "table_versions": json.dumps(src.get("table_versions", {}), sort_keys=True),
     }
     lake.append("runs", pa.Table.from_pylist([row]), app_id=APP_PREFIX + report.run_id, txn_version=1)
+
+
+def _landmark_preflight(cfg: TagConfig, s3: S3Settings | None, report: RunReport) -> TagConfig:
+    """The landmark stage needs references; without any it would only spend time, so it is left out."""
+    if "landmark" not in cfg.stages:
+        return cfg
+    from photolens.lake.storage import exists
+    from photolens.udfs.recognize import default_references_uri
+
+    uri = cfg.landmark_references or default_references_uri(cfg.model_store)
+    base = uri.removesuffix(".npz").removesuffix(".json")
+    if exists(base + ".json", s3) and exists(base + ".npz", s3):
+        return cfg
+    if cfg.landmark_references:
+        raise ConfigError(f"--landmark-references {uri}: {base}.npz/.json not found; "
+                          "build them with `photolens landmarks build --gallery DIR --out URI`")
+    report.notes.append(f"landmark stage skipped: no references at {base}.npz "
+                        "(build them with `photolens landmarks build --gallery DIR`)")
+    return replace(cfg, stages=tuple(st for st in cfg.stages if st != "landmark"))
 
 
 def recognize_options(cfg: TagConfig) -> Any:
