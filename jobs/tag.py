@@ -473,8 +473,7 @@ def _crash(reason: str) -> None:
     os._exit(137)
 
 
-def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: Lake, s3: S3Settings | None,
-                  model_versions: dict[str, str]) -> Any:
+def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: Lake) -> Any:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -521,10 +520,8 @@ def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: 
         emotion_labels = tuple(EMOTIONS)
     write_cfg = WriteConfig(lake.root, lake.restricted_root, run_id, run_date, s3_for_workers, cfg.privacy,
                             emotion_labels)
-    ds = ds.map_batches(WriteUDF, fn_constructor_kwargs={"config": write_cfg}, batch_size=cfg.batch_size,
-                        compute=ActorPoolStrategy(min_size=1, max_size=cfg.max_actors), num_cpus=cpus["io"])
-    del ray, model_versions
-    return ds
+    return ds.map_batches(WriteUDF, fn_constructor_kwargs={"config": write_cfg}, batch_size=cfg.batch_size,
+                          compute=ActorPoolStrategy(min_size=1, max_size=cfg.max_actors), num_cpus=cpus["io"])
 
 
 def fit_cpus(cfg: TagConfig, model_stages: list[str], cluster_cpus: float) -> dict[str, float]:
@@ -566,7 +563,6 @@ def ensure_ray(num_gpus: float = 0.0) -> None:
 
 def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     cfg.validate()
-    t_start = time.perf_counter()
     started_at = dt.datetime.now(dt.UTC)
     needs_s3 = any(Location.parse(u).is_s3 for u in (cfg.photos or "", cfg.manifest or "", cfg.lake,
                                                       cfg.restricted_lake or "", cfg.model_store or ""))
@@ -617,7 +613,7 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     t_pipe = time.perf_counter()
     if plan.n_todo:
         ensure_ray(cfg.num_gpus)
-        ds = build_dataset(cfg, plan, run_id, run_date, lake, s3, model_versions)
+        ds = build_dataset(cfg, plan, run_id, run_date, lake)
         crash_after = _fault(cfg, "crash_after_batches")
         bar = _progress(plan.n_todo, cfg.progress)
         for n_batches, row in enumerate(ds.iter_rows(), start=1):
@@ -670,7 +666,6 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
                                "started_at": started_at.isoformat(), "config": cfg.public_dict(),
                                "finished_at": dt.datetime.now(dt.UTC).isoformat()})
     _cleanup_staging(lake, run_id, s3)
-    report.seconds = time.perf_counter() - t_start if not plan.n_todo else report.seconds
     return report
 
 
@@ -773,4 +768,4 @@ def config_from_args(args: Any) -> TagConfig:
         raise ConfigError(f"bad configuration: {exc}") from exc
 
 
-__all__ = ["ConfigError", "ManifestError", "RunReport", "SchemaMismatchError", "TagConfig", "replace", "run_tag"]
+__all__ = ["ConfigError", "ManifestError", "RunReport", "SchemaMismatchError", "TagConfig", "run_tag"]

@@ -48,3 +48,20 @@ def dlib_embeddings(names: list[str]) -> dict[str, np.ndarray]:
             box = max(boxes, key=lambda b: b.area())
             out[name] = np.asarray(net.compute_face_descriptor(pixels, aligner(pixels, box)))
     return out
+
+
+def mtcnn_weight_paths() -> tuple[Path, Path, Path]:
+    """P-, R- and O-Net state dicts from the facenet-pytorch wheel."""
+    return tuple(packaged_weight("mtcnn", f"{net}.pt") for net in ("pnet", "rnet", "onet"))  # type: ignore[return-value]
+
+
+def load_rgb(path: Path, max_side: int = 480) -> np.ndarray:
+    """Photos as the decode stage delivers them: RGB uint8, long side bounded (keeps tests quick)."""
+    from PIL import Image
+
+    if not path.is_file():
+        pytest.skip(f"test photo missing: {path} (see ../shared/data/README.md)")
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        return np.asarray(im).copy()

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from realdata import load_rgb, mtcnn_weight_paths
 
 from photolens.models import face_align as fa
 from photolens.models.mtcnn import MTCNN, FaceDetections
@@ -29,17 +29,7 @@ def _package_dir(name: str) -> Path:
 
 
 def _mtcnn(**kwargs: object) -> MTCNN:
-    data = _package_dir("facenet_pytorch") / "data"
-    return MTCNN.from_files(data / "pnet.pt", data / "rnet.pt", data / "onet.pt", **kwargs)  # type: ignore[arg-type]
-
-
-def load_rgb(path: Path, max_side: int = 480) -> np.ndarray:
-    if not path.is_file():
-        pytest.skip(f"test photo missing: {path} (see ../shared/data/README.md)")
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        return np.asarray(im).copy()
+    return MTCNN.from_files(*mtcnn_weight_paths(), **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

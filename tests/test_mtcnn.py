@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from realdata import load_rgb, mtcnn_weight_paths
 
 from photolens.models.mtcnn import MTCNN, DetectorSettings, FaceDetections, ONet, PNet, RNet
 
@@ -20,28 +19,6 @@ PHOTOS = DATA / "photos"
 SINGLE = ["img1.jpg", "img2.jpg", "img3.jpg", "img5.jpg", "img10.jpg", "img14.jpg", "img30.jpg", "img43.jpg"]
 # Photos where dlib's HOG detector is compared with ours.
 DLIB_SET = ["img1.jpg", "img5.jpg", "img11.jpg", "img17.jpg", "img21.jpg", "img33.jpg", "couple.jpg"]
-
-
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"weight package {name} is not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def mtcnn_weight_paths() -> tuple[Path, Path, Path]:
-    data = _package_dir("facenet_pytorch") / "data"
-    return data / "pnet.pt", data / "rnet.pt", data / "onet.pt"
-
-
-def load_rgb(path: Path, max_side: int) -> np.ndarray:
-    """Photos as the decode stage delivers them: RGB uint8, long side bounded (keeps tests quick)."""
-    if not path.is_file():
-        pytest.skip(f"test photo missing: {path} (see ../shared/data/README.md)")
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        return np.asarray(im).copy()
 
 
 @pytest.fixture(scope="module")

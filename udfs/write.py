@@ -63,6 +63,7 @@ def build_rows(batch: dict[str, np.ndarray], cfg: WriteConfig) -> tuple[pa.Table
         "orientation", "n_frames", "taken_at", "gps_lat", "gps_lon", "phash", "etag", "size_bytes", "mtime",
         "is_profile", "error_code", "error_stage", "error_detail")}
     model_cols = sorted(c for c in batch if c.startswith("model_"))
+    happy = cfg.emotion_labels.index("happy") if "happy" in cfg.emotion_labels else None
 
     photos: dict[str, list] = {k: [] for k in (
         "photo_id", "user_id", "uri", "etag", "size_bytes", "mtime", "is_profile", "status", "error_code",
@@ -112,7 +113,6 @@ def build_rows(batch: dict[str, np.ndarray], cfg: WriteConfig) -> tuple[pa.Table
             faces["emotion_probs"].append(probs)
             label = cfg.emotion_labels[int(np.argmax(probs))] if probs and cfg.emotion_labels else None
             faces["emotion"].append(label)
-            happy = cfg.emotion_labels.index("happy") if "happy" in cfg.emotion_labels else None
             faces["smile"].append(probs[happy] if probs and happy is not None else None)
             faces["emotion_model"].append(models.get("emotion") if probs is not None else None)
         n_faces = len(face_list) if face_list is not None else None
@@ -166,11 +166,9 @@ class WriteUDF:
     def __init__(self, config: WriteConfig) -> None:
         self.config = config
         self.lake = Lake(config.lake_root, config.restricted_root, config.s3)
-        self.seq = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         photos, dets, faces = build_rows(batch, self.config)
-        self.seq += 1
         tag = f"{self.config.run_id}-{hashlib.blake2b(str(batch['photo_id'][0]).encode(), digest_size=6).hexdigest()}"
         files = []
         for name, table in (("photos", photos), ("detections", dets), ("faces", faces)):
