@@ -19,7 +19,8 @@ from photolens.faceindex.cluster import (
     rank_order_distances,
 )
 from photolens.faceindex.metrics import clustering_scores, k_over_c, pairwise_prf
-from photolens.faceindex.synthetic import CLUSTER_THRESHOLD, l2_normalise, make_identities
+from photolens.faceindex.synthetic import CLUSTER_THRESHOLD, make_identities
+from photolens.faceindex.vectors import l2_normalise
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALL_LINKAGES = ["single", "average", "complete", "weighted", "median", "centroid", "ward"]

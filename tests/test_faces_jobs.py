@@ -39,30 +39,22 @@ from photolens.faceindex.index import (
     train,
     user_key,
 )
-from photolens.faceindex.synthetic import l2_normalise, make_identities, sample_faces
-from photolens.jobs.faces import (
-    CODEC_FILE,
-    ForgetConfig,
-    IndexBuildConfig,
+from photolens.faceindex.synthetic import make_identities, sample_faces
+from photolens.faceindex.vectors import l2_normalise
+from photolens.jobs.forget import ForgetConfig, forget_user
+from photolens.jobs.index import CODEC_FILE, IndexBuildConfig, build_face_index, index_info, rollback_index
+from photolens.jobs.people import (
     PeopleConfig,
     PhotoFaces,
-    SuggestConfig,
-    TemplatesConfig,
-    build_face_index,
-    build_templates,
-    calibrate_from_templates,
     cluster_people,
     embed_photos,
     eval_clustering,
-    forget_user,
     format_clustering,
     identity_groups,
-    index_info,
-    rollback_index,
-    run_suggest,
-    suggest_for_uploaders,
 )
+from photolens.jobs.suggest import SuggestConfig, calibrate_from_templates, run_suggest, suggest_for_uploaders
 from photolens.jobs.tag import ConfigError
+from photolens.jobs.templates import TemplatesConfig, build_templates
 from photolens.lake.delta import Lake
 from photolens.udfs.write import face_id
 

@@ -97,15 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10)
     p.set_defaults(handler=cmd_interests)
 
-    import importlib
+    # The other jobs' sub-commands: flags only, their modules are imported when a command runs.
+    from photolens.jobs import commands
 
-    for module in _JOB_MODULES:
-        importlib.import_module(module).register(sub)
+    commands.register_eval(sub)
+    commands.register_landmarks(sub)
+    commands.register(sub)
     return parser
-
-
-# Job modules that own their sub-commands and flags (each has ``register(subparsers)``).
-_JOB_MODULES: tuple[str, ...] = ("photolens.jobs.evaluate", "photolens.jobs.landmarks", "photolens.jobs.faces")
 
 
 def _storage_options(uri: str) -> dict[str, str] | None:

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from photolens.faceindex.index import deserialize, search
-from photolens.faceindex.synthetic import l2_normalise
+from photolens.faceindex.vectors import l2_normalise
 
 __all__ = [
     "CacheStats",

@@ -15,18 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CLUSTER_THRESHOLD", "SyntheticFaces", "l2_normalise", "make_identities", "sample_faces"]
+from photolens.faceindex.vectors import l2_normalise
+
+__all__ = ["CLUSTER_THRESHOLD", "SyntheticFaces", "make_identities", "sample_faces"]
 
 # Euclidean cut between identities of this generator at the default noise: faces of one identity
 # sit at ≈ 0.7 from each other, different identities at ≈ 1.4 (unit vectors).
 CLUSTER_THRESHOLD = 1.0
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, as float32 (zero rows stay zero instead of becoming NaN)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,7 +23,7 @@ from enum import StrEnum
 import numpy as np
 
 from photolens.faceindex.cluster import DEFAULT_EUCLIDEAN_THRESHOLD, LinkageMethod, cluster_faces
-from photolens.faceindex.synthetic import l2_normalise
+from photolens.faceindex.vectors import l2_normalise
 
 __all__ = ["NoTemplate", "NoTemplateReason", "Template", "TemplateConfig", "build_owner_template"]
 

@@ -9,8 +9,8 @@
 * ``eval detection``: mAP and recall at IoU 0.5 and 0.75 on a COCO annotation file, strict and with
   related categories (seed 000_0fb00c7dd830498f.txt reports both), via ``photolens.models.eval_detection``.
 
-``eval clustering`` (face clustering quality: ARI/AMI/F-measure) lives with the face index code and is
-added to the same ``eval`` parser through :data:`EVAL_MODULES` or :func:`register`'s ``extra_eval``.
+``eval clustering`` (face clustering quality: ARI/AMI/F-measure) lives with the people job
+(``photolens.jobs.people``); every ``eval`` flag is defined in ``photolens.jobs.commands``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ from photolens.udfs.decode import DecodeConfig, decode_photo
 from photolens.udfs.recognize import DEFAULT_MODELS
 
 Handler = Callable[[argparse.Namespace], int]
-# Modules adding more ``eval`` sub-commands, each with ``register_eval(eval_subparsers)``: the face index's
-# ``eval clustering`` belongs here once it exists.
-EVAL_MODULES: tuple[str, ...] = ("photolens.jobs.faces",)
 # MTCNN's O-Net score above which a face counts as confident when choosing a photo's main face.
 MAIN_FACE_MIN_SCORE = 0.9
 FAR_TARGET = 1e-2
@@ -269,41 +266,11 @@ def cmd_detection(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any, extra_eval: Sequence[Callable[[Any], None]] = ()) -> None:
-    """Add ``eval faces`` and ``eval detection`` to the CLI's sub-parsers (an ``add_subparsers()`` object).
+    """Add ``eval faces``, ``eval detection`` and ``eval clustering`` to the CLI's sub-parsers.
 
-    ``extra_eval``: functions that add more ``eval`` sub-commands to the ``eval`` sub-parsers (``eval
-    clustering`` from the face index code goes here).
+    The flags live in ``photolens.jobs.commands`` (importable without torch, for a fast ``--help``).
+    ``extra_eval``: functions that add more ``eval`` sub-commands to the ``eval`` sub-parsers.
     """
-    evaluate = sub.add_parser("eval", help="model quality on labelled data")
-    cmds = evaluate.add_subparsers(dest="eval_cmd", required=True)
+    from photolens.jobs.commands import register_eval
 
-    p = cmds.add_parser("faces", help="face verification on labelled pairs: ROC AUC, accuracy, TAR@FAR")
-    p.add_argument("--pairs", required=True, help="CSV with file_x,file_y,Decision (Yes/No)")
-    p.add_argument("--images", required=True, help="folder holding the files the pairs name")
-    p.add_argument("--store", help="model store (default $PHOTOLENS_MODEL_STORE or ~/.cache/photolens/models)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    faces: Handler = cmd_faces
-    p.set_defaults(handler=faces)
-
-    p = cmds.add_parser("detection", help="mAP/recall at IoU 0.5 and 0.75, strict and related categories")
-    p.add_argument("--annotations", required=True, help="COCO ground truth JSON (images, annotations, categories)")
-    p.add_argument("--images", required=True, help="folder holding the images' file_name entries")
-    p.add_argument("--store", help="model store (default $PHOTOLENS_MODEL_STORE or ~/.cache/photolens/models)")
-    p.add_argument("--model", default=DEFAULT_MODELS["detect"], help="detector name in the model store")
-    p.add_argument("--arch", help="torchvision architecture of --model when it is a torchvision checkpoint")
-    p.add_argument("--score-threshold", dest="score_threshold", type=float, default=0.05,
-                   help="keep predictions at or above this score (low: complete PR curves)")
-    p.add_argument("--device", default="cpu", help="torch device for torchvision detectors")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    detection: Handler = cmd_detection
-    p.set_defaults(handler=detection)
-
-    # ``eval clustering`` (ARI/AMI/F-measure of face clustering) is registered by the face index code: its
-    # module goes in EVAL_MODULES (or its function in ``extra_eval``).
-    import importlib
-
-    for module in EVAL_MODULES:
-        importlib.import_module(module).register_eval(cmds)
-    for add in extra_eval:
-        add(cmds)
+    register_eval(sub, extra_eval)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,13 +187,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    """Add ``landmarks build`` to the CLI's sub-parsers (``argparse`` ``add_subparsers()`` object)."""
-    landmarks = sub.add_parser("landmarks", help="landmark references for the landmark stage")
-    cmds = landmarks.add_subparsers(dest="landmarks_cmd", required=True)
-    p = cmds.add_parser("build", help="embed a gallery (a folder per landmark), calibrate, write the references")
-    p.add_argument("--gallery", required=True, help="folder with one sub-folder of photos per landmark id")
-    p.add_argument("--store", help="model store (default $PHOTOLENS_MODEL_STORE or ~/.cache/photolens/models)")
-    p.add_argument("--out", help="references URI without suffix (default <store>/landmarks/references)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    handler: Callable[[argparse.Namespace], int] = cmd_build
-    p.set_defaults(handler=handler)
+    """Add ``landmarks build`` to the CLI's sub-parsers (flags in ``photolens.jobs.commands``)."""
+    from photolens.jobs.commands import register_landmarks
+
+    register_landmarks(sub)
