@@ -27,6 +27,15 @@ Orientation follows ``ImageOps.exif_transpose`` (same table), applied to the sma
 Pillow's TIFF loader applies itself and then removes.
 
 ``time_limit_s=None`` decodes inline with no bound (for callers that bound time themselves).
+
+Header mode (``DecodeConfig.pixels=False``) is for pipelines that decode JPEGs on a GPU
+(:mod:`photolens.udfs.gpudecode`): a plain baseline/progressive JPEG in RGB or grey is checked as far
+as it can be without its pixels (size, allowlist, dimensions and bomb limits, EXIF) and handed on as
+its validated bytes plus the working size, with ``pixels_deferred`` set. Anything else, and any JPEG
+whose structure looks off (no end-of-image marker after its scan: truncated; CMYK; Adobe RGB without
+colour transform; MPO), is decoded here as in pixel mode. The device decode can still fail on bytes
+that passed the header (a broken Huffman table); the caller then runs :func:`decode_photo` with
+``pixels=True`` on that row, which turns it into the same error row as ever.
 """
 
 from __future__ import annotations
@@ -53,12 +62,14 @@ from photolens.udfs.columns import text_column
 
 __all__ = [
     "DEFAULT_FORMATS",
+    "DEVICE_FORMATS",
     "DecodeConfig",
     "DecodeResult",
     "DecodeUDF",
     "decode_photo",
     "perceptual_hash",
     "phash_distance",
+    "working_shape",
 ]
 
 # Pillow format names (``Image.format``). MPO is what Pillow calls a JPEG carrying extra frames
@@ -67,6 +78,11 @@ DEFAULT_FORMATS: Final[frozenset[str]] = frozenset({"JPEG", "PNG", "WEBP", "GIF"
 
 # Formats that decode through the JPEG plugin and so accept ``draft`` (DCT-domain downscaling).
 _JPEG_FAMILY: Final[frozenset[str]] = frozenset({"JPEG", "MPO"})
+# What header mode hands to a device decoder. Not MPO: a device decoder's view of a file with
+# several images is not specified, so those stay with libjpeg through Pillow.
+DEVICE_FORMATS: Final[frozenset[str]] = frozenset({"JPEG"})
+# Pillow modes of JPEGs whose colours nvJPEG / libjpeg-turbo's RGB output and Pillow agree on.
+_DEVICE_MODES: Final[frozenset[str]] = frozenset({"RGB", "L"})
 
 _ERROR_DETAIL_MAX: Final[int] = 199
 _EMPTY_IMAGE: Final[np.ndarray] = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -124,6 +140,9 @@ class DecodeConfig:
     between 1x and 2x of that limit is turned into an error per call, so ``max_pixels`` may only
     lower it. ``working_size`` is the longest side of the image handed to model stages; JPEGs are
     decoded straight at a reduced DCT scale when they are at least twice that size.
+
+    ``pixels=False`` is header mode (see the module docstring): plain JPEGs come back validated but
+    undecoded, for a device decoder; every other row is decoded as usual.
     """
 
     formats: frozenset[str] = DEFAULT_FORMATS
@@ -133,6 +152,7 @@ class DecodeConfig:
     min_side: int = 16
     max_aspect: float = 20.0
     time_limit_s: float | None = 10.0
+    pixels: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", frozenset(f.upper() for f in self.formats))
@@ -174,6 +194,11 @@ class DecodeResult:
     gps_lon: float | None = None
     phash: str | None = None
     n_frames: int = 0
+    # Header mode: the bytes passed every header check and still need decoding (``image`` is empty,
+    # ``phash`` is None); work_width/work_height are the oriented working size they decode to.
+    pixels_deferred: bool = False
+    work_width: int = 0
+    work_height: int = 0
     error_code: ErrorCode | None = None
     error_stage: Stage | None = None
     error_detail: str | None = None
@@ -398,6 +423,8 @@ def _decode(reader: _DeadlineReader, cfg: DecodeConfig, deadline: float | None) 
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(reader, formats=_opener_formats(cfg.formats))
         with img:
+            if not cfg.pixels:
+                return _decode_opened(img, cfg, deadline, data=reader.getvalue())
             return _decode_opened(img, cfg, deadline)
 
 
@@ -408,7 +435,9 @@ def _opener_formats(formats: frozenset[str]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _decode_opened(img: Image.ImageFile.ImageFile, cfg: DecodeConfig, deadline: float | None) -> DecodeResult:
+def _decode_opened(
+    img: Image.ImageFile.ImageFile, cfg: DecodeConfig, deadline: float | None, *, data: bytes | None = None
+) -> DecodeResult:
     fmt = img.format or ""
     if fmt not in cfg.formats:
         # JPEG's opener hands back MPO for JPEGs with extra frames, whatever ``formats`` allowed.
@@ -436,6 +465,8 @@ def _decode_opened(img: Image.ImageFile.ImageFile, cfg: DecodeConfig, deadline: 
     header_tags = getattr(img, "tag_v2", None)
     header_orientation = header_tags.get(_TAG_ORIENTATION) if header_tags is not None else None
     scale = min(1.0, cfg.working_size / long_)
+    if data is not None and not cfg.pixels and _device_decodable(img, fmt, n_frames, data):
+        return _deferred(img, cfg, fmt, stored_w, stored_h, scale)
     if fmt in _JPEG_FAMILY and scale < 1.0:
         # libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain, never below the target size.
         img.draft("RGB", (max(1, round(stored_w * scale)), max(1, round(stored_h * scale))))
@@ -485,7 +516,82 @@ def _decode_opened(img: Image.ImageFile.ImageFile, cfg: DecodeConfig, deadline: 
         gps_lon=gps[1] if gps else None,
         phash=perceptual_hash(image),
         n_frames=n_frames,
+        work_width=int(image.shape[1]),
+        work_height=int(image.shape[0]),
     )
+
+
+def working_shape(width: int, height: int, working_size: int) -> tuple[int, int]:
+    """(height, width) of the working image for an oriented full size: the one rule both decoders use."""
+    scale = min(1.0, working_size / max(width, height))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _deferred(
+    img: Image.ImageFile.ImageFile, cfg: DecodeConfig, fmt: str, stored_w: int, stored_h: int, scale: float
+) -> DecodeResult:
+    """Header mode's result for a JPEG a device will decode: everything but the pixels."""
+    # A JPEG's EXIF sits in its APP1 header segment, which Image.open has already read.
+    orientation, taken_at, gps = _read_exif(img)
+    width, height = (stored_h, stored_w) if orientation in (5, 6, 7, 8) else (stored_w, stored_h)
+    return DecodeResult(
+        status=Status.OK,
+        image=_EMPTY_IMAGE,
+        width=width,
+        height=height,
+        orientation=orientation,
+        format=fmt,
+        taken_at=taken_at,
+        gps_lat=gps[0] if gps else None,
+        gps_lon=gps[1] if gps else None,
+        n_frames=1,
+        pixels_deferred=True,
+        work_width=max(1, round(width * scale)),
+        work_height=max(1, round(height * scale)),
+    )
+
+
+def _device_decodable(img: Image.ImageFile.ImageFile, fmt: str, n_frames: int, data: bytes) -> bool:
+    """Whether header mode may hand these bytes to a device decoder instead of decoding them here.
+
+    Conservative on purpose: a device decoder may be more lenient than libjpeg (nvJPEG fills a cut
+    scan rather than failing), so anything that Pillow would reject while decoding and that the
+    header can show (no end-of-image marker after the scan) stays on the CPU, where it becomes the
+    usual error row.
+    """
+    if fmt not in DEVICE_FORMATS or n_frames != 1 or img.mode not in _DEVICE_MODES:
+        return False
+    if img.mode == "RGB" and img.info.get("adobe_transform") == 0:
+        return False  # RGB stored without the YCbCr transform: rare, and decoders disagree on it
+    scan = _first_scan_offset(data)
+    return scan is not None and data.rfind(b"\xff\xd9") > scan
+
+
+def _first_scan_offset(data: bytes) -> int | None:
+    """Offset of the main image's first SOS marker, walking the marker segments from SOI (an EXIF
+    thumbnail carries its own SOS/EOI inside APP1, so a plain search would find that one)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return pos
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RSTn, SOI: no length
+            pos += 2
+            continue
+        if marker == 0xD9:
+            return None  # EOI before any scan
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
 
 
 def _to_rgb_or_l(img: Image.Image) -> Image.Image:
@@ -639,6 +745,11 @@ class DecodeUDF:
     Rows whose ``status`` is not ``ok`` (the fetch already failed, or the row was skipped) pass
     through with their status and error columns untouched. When the input has no status columns
     every row counts as fetched and they are created. All other input columns are kept.
+
+    In header mode (``config.pixels=False``) three more columns come out: ``jpeg`` (the validated
+    bytes of rows whose pixels are deferred to a device decoder, else None) and ``work_width`` /
+    ``work_height`` (the working size); a deferred row's ``image`` is empty and its ``phash`` None
+    until :func:`photolens.udfs.gpudecode.finish_on_device` fills them.
     """
 
     def __init__(self, config: DecodeConfig) -> None:
@@ -665,6 +776,11 @@ class DecodeUDF:
         phash = np.full(n, None, dtype=object)
         n_frames = np.zeros(n, dtype=np.int16)
         seconds = np.zeros(n, dtype=np.float32)
+        header_mode = not self.config.pixels
+        if header_mode:
+            jpeg = np.full(n, None, dtype=object)
+            work_width = np.zeros(n, dtype=np.int32)
+            work_height = np.zeros(n, dtype=np.int32)
 
         for i in range(n):
             image[i] = _EMPTY_IMAGE
@@ -693,6 +809,11 @@ class DecodeUDF:
                 gps_lon[i] = result.gps_lon
             phash[i] = result.phash
             n_frames[i] = min(result.n_frames, np.iinfo(np.int16).max)
+            if header_mode:
+                work_width[i] = result.work_width
+                work_height[i] = result.work_height
+                if result.pixels_deferred:
+                    jpeg[i] = bytes(payload)
 
         out = {key: value for key, value in batch.items() if key != "data"}
         out.update(
@@ -712,6 +833,9 @@ class DecodeUDF:
             n_frames=n_frames,
             decode_seconds=seconds,
         )
+        if header_mode:
+            # Only in header mode, so pixel-mode batches keep the schema every stage knows.
+            out.update(jpeg=jpeg, work_width=work_width, work_height=work_height)
         return out
 
 
