@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from photolens.lake.delta import Lake
@@ -31,6 +32,7 @@ N_REPEATED = 3_000
 MEASURE = r"""
 import json, resource, sys, tracemalloc
 import pyarrow as pa
+import pyarrow.compute as pc
 from photolens.jobs.tag import TagConfig, plan_run
 from photolens.lake.delta import Lake
 
@@ -126,3 +128,93 @@ def test_plan_streams_a_large_manifest_exactly_once_in_bounded_memory(tmp_path: 
     assert out["big"]["arrow_held"] < 16 << 20
     rss_growth_mib = (out["big"]["rss_peak_kib"] - out["small"]["rss_peak_kib"]) / 1024
     assert rss_growth_mib < 256, f"peak RSS grew by {rss_growth_mib:.0f} MiB planning 2e5 keys"
+
+
+# ---------------------------------------------------------------------------------------------- replacements
+
+
+def _commit_night(lake: Lake, plan: object, run_id: str, code_of: dict[str, str], with_children: bool) -> None:
+    """What the job commits for a plan: a new row per todo photo (staged), old rows replaced in the same commit."""
+    from photolens.jobs.tag import APP_PREFIX, CHILD_TABLES
+
+    todo = pa.concat_tables([pq.read_table(u) for u in plan.shards])  # type: ignore[attr-defined]
+    ids = todo.column("photo_id").to_pylist()
+    users = todo.column("user_id").to_pylist()
+    status = ["error" if i in code_of else "ok" for i in ids]
+    rows = {"photo_id": ids, "user_id": users, "uri": todo.column("uri").to_pylist(), "status": status,
+            "error_code": [code_of.get(i) for i in ids],
+            "run_id": [run_id] * len(ids), "run_date": ["2026-01-02"] * len(ids)}
+    photos = pa.table(rows)
+    staged = {"photos": (lake.stage("photos", photos.filter(pc.equal(photos["status"], "ok")), run_id + "-aaaaaaaaaaaa")
+                         + lake.stage("photos", photos.filter(pc.not_equal(photos["status"], "ok")),
+                                      run_id + "-bbbbbbbbbbbb"))}
+    ok_ids = [i for i, s in zip(ids, status, strict=True) if s == "ok"]
+    dets = pa.table({"photo_id": ok_ids, "user_id": [users[ids.index(i)] for i in ok_ids],
+                     "det_index": pa.array([0] * len(ok_ids), pa.int32()), "category": ["dog"] * len(ok_ids),
+                     "run_id": [run_id] * len(ok_ids), "run_date": ["2026-01-02"] * len(ok_ids)})
+    staged["detections"] = lake.stage("detections", dets, run_id + "-cccccccccccc") if with_children else []
+    app = APP_PREFIX + run_id
+    for name in CHILD_TABLES:
+        lake.commit_staged(name, staged.get(name, []), app, 1, replace=plan.replacement(name, run_id))  # type: ignore[attr-defined]
+    lake.commit_staged("photos", staged["photos"], app, 1, replace=plan.replacement("photos", run_id))  # type: ignore[attr-defined]
+
+
+def _plan(lake_root: str, manifest: Path, run_id: str, reprocess: str = "none") -> object:
+    from photolens.jobs.tag import TagConfig, plan_run
+
+    cfg = TagConfig(photos=PHOTOS_ROOT + "/", manifest=str(manifest), lake=lake_root, stages=("decode",), run_id=run_id,
+                    progress=False, reprocess=reprocess, todo_shard_rows=300)
+    return plan_run(cfg, Lake(lake_root), run_id, 1, None)
+
+
+def test_replacements_apply_from_shards_and_keep_one_row_per_photo(tmp_path: Path) -> None:
+    """Three nights over 1,000 keys: transient errors retried (only error files rewritten), then --reprocess
+    errors, then --reprocess all (children too); after each commit the tables hold exactly the expected rows."""
+    keys = _keys(1_000)
+    manifest = tmp_path / "keys.parquet"
+    _write_manifest(manifest, keys)
+    root = str(tmp_path / "lake")
+    lake = Lake(root)
+    pid = {k: _photo_id(k) for k in keys}
+
+    # Night 1: everything new; 100 transient failures, 50 permanent.
+    first = _plan(root, manifest, "n1")
+    assert first.n_todo == 1_000 and first.n_replaced == 0 and first.replacement("photos") is None
+    codes1 = {pid[k]: "FETCH_TRANSIENT" if i < 100 else "UNREADABLE" for i, k in enumerate(keys[:150])}
+    _commit_night(lake, first, "n1", codes1, with_children=True)
+    dets_before = sorted(lake.read("detections", ["photo_id"]).column("photo_id").to_pylist())
+
+    # Night 2: the 100 transient ones again (replace shards, not a list); 30 of them fail again.
+    second = _plan(root, manifest, "n2")
+    assert second.n_todo == second.n_replaced == 100 and second.replace_shards
+    assert pq.read_table(second.replace_shards[0]).column_names == ["photo_id"]
+    assert second.replacement("detections") is None  # error photos have no child rows
+    _commit_night(lake, second, "n2", {pid[k]: "FETCH_TIMEOUT" for k in keys[:30]}, with_children=True)
+    photos = lake.read("photos", ["photo_id", "status", "error_code", "run_id"]).to_pylist()
+    assert sorted(r["photo_id"] for r in photos) == sorted(pid.values())  # exactly one row each
+    by_id = {r["photo_id"]: r for r in photos}
+    assert {k for k in keys if by_id[pid[k]]["run_id"] == "n2"} == set(keys[:100])
+    assert {k for k in keys if by_id[pid[k]]["status"] == "error"} == set(keys[:30]) | set(keys[100:150])
+    assert sorted(lake.read("detections", ["photo_id"]).column("photo_id").to_pylist()) == sorted(
+        dets_before + [pid[k] for k in keys[30:100]])
+    # Files with only ok rows were left alone: the rewrite touched error files only.
+    assert all(r["run_id"] == "n1" for r in photos if r["photo_id"] in {pid[k] for k in keys[150:]})
+
+    # Night 3: --reprocess errors retries the 30 transient and the 50 permanent ones.
+    third = _plan(root, manifest, "n3", reprocess="errors")
+    assert third.n_todo == third.n_replaced == 80
+    _commit_night(lake, third, "n3", {}, with_children=True)
+    photos = lake.read("photos", ["photo_id", "status"]).to_pylist()
+    assert sorted(r["photo_id"] for r in photos) == sorted(pid.values())
+    assert {r["status"] for r in photos} == {"ok"}
+
+    # Night 4: --reprocess all replaces every row, the children's too.
+    fourth = _plan(root, manifest, "n4", reprocess="all")
+    assert fourth.n_todo == fourth.n_replaced == 1_000
+    assert fourth.replacement("detections") is not None
+    _commit_night(lake, fourth, "n4", {}, with_children=True)
+    photos = lake.read("photos", ["photo_id", "run_id"]).to_pylist()
+    assert sorted(r["photo_id"] for r in photos) == sorted(pid.values())
+    assert {r["run_id"] for r in photos} == {"n4"}
+    dets = lake.read("detections", ["photo_id", "run_id"]).to_pylist()
+    assert sorted(r["photo_id"] for r in dets) == sorted(pid.values()) and {r["run_id"] for r in dets} == {"n4"}

@@ -37,6 +37,10 @@ def _add_tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-actors", dest="max_actors", type=int, help="upper bound of each model actor pool")
     p.add_argument("--cpu-actors", dest="cpu_actors", type=int, help="upper bound of the fetch/decode pools")
     p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--rows-per-file", dest="rows_per_file", type=int,
+                   help="photos per staged output file (default: from --target-file-mib)")
+    p.add_argument("--target-file-mib", dest="target_file_mib", type=float,
+                   help="target size of output Parquet files in MiB (default 128)")
     p.add_argument("--fetch-attempts", dest="fetch_attempts", type=int, help="attempts per photo read (default 5)")
     p.add_argument("--decode-time-limit", dest="decode_time_limit_s", type=float,
                    help="seconds one photo may take to decode before it becomes a DECODE_TIMEOUT row (default 10)")
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register_eval(sub)
     commands.register_landmarks(sub)
     commands.register(sub)
+    from photolens.jobs import maintenance
+
+    maintenance.register(sub)
     return parser
 
 

@@ -15,6 +15,12 @@ tasks: ``train(...) -> bytes``, ``encode_shard(trained, vectors, ids) -> bytes``
 into exactly the codes a single-shot build gives.
 
 Distances returned by :func:`search` are Euclidean (not squared) L2.
+
+Below the codec's training size (one training vector per codeword: 256 for 8-bit codes) a codec cannot be
+trained, and a deployment that small does not need one: :func:`train` then returns an exact
+``IDMap,Flat`` index instead (float32 vectors, exact search), with the same artifacts, sidecar and
+publish/rollback; the sidecar says ``kind: flat`` and its measured recall is 1.0. The next build with enough
+vectors trains OPQ (``kind: opq``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import faiss
 import numpy as np
 
 __all__ = [
+    "FLAT_FACTORY",
     "SIDECAR_FORMAT",
     "BuiltIndex",
     "IndexConfig",
@@ -45,8 +52,10 @@ __all__ = [
     "encode_shard_bytes_estimate",
     "evaluate_recall",
     "faiss_threads",
+    "index_kind",
     "make_sidecar",
     "merge",
+    "min_train_vectors",
     "plan_shards",
     "remove_ids",
     "search",
@@ -56,6 +65,7 @@ __all__ = [
 ]
 
 SIDECAR_FORMAT: Final[str] = "photolens.faceindex/1"
+FLAT_FACTORY: Final[str] = "IDMap,Flat"  # exact search, for pools below the codec's training size
 _KSUB: Final[int] = 256  # 8-bit codes: seed 001's 256-word codebook per sub-vector
 _MAX_ID: Final[int] = 2**63 - 1
 
@@ -77,6 +87,9 @@ class IndexConfig:
     # k-means whose parallel regions spin at barriers: on a shared 2-core machine one thread was
     # 4-5x faster than two.
     threads: int | None = None
+    # Training pools smaller than this get an exact flat index; None: the codec's own minimum (256 for
+    # 8-bit codes). Raise it to keep exact search longer (a flat index costs 4·d bytes per vector).
+    flat_below: int | None = None
 
     def __post_init__(self) -> None:
         if self.train_size < _KSUB:
@@ -197,13 +210,54 @@ def _empty_index(d: int, cfg: IndexConfig) -> tuple[faiss.Index, str]:
     return index, factory
 
 
+def min_train_vectors(d: int, config: IndexConfig | None = None) -> int:
+    """Training vectors the configured codec needs: one per codeword of each quantizer (and OPQ's own)."""
+    cfg = config or IndexConfig()
+    index, _ = _empty_index(d, cfg)
+    if index.is_trained:
+        return 0
+    need = 1
+    inner = _unwrap(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        for i in range(inner.chain.size()):
+            if isinstance(faiss.downcast_VectorTransform(inner.chain.at(i)), faiss.OPQMatrix):
+                need = max(need, _KSUB)  # OPQ trains its own 8-bit PQ while it learns the rotation
+        inner = faiss.downcast_index(inner.index)
+    pq = getattr(inner, "pq", None)
+    if pq is not None:
+        need = max(need, int(pq.ksub))
+    nlist = getattr(inner, "nlist", None)
+    if nlist:
+        need = max(need, int(nlist))
+    return max(need, cfg.flat_below or 0)
+
+
+def index_kind(index: faiss.Index) -> str:
+    """``flat`` (exact float32), ``opq`` (OPQ rotation + PQ codes), ``pq`` or the faiss class name."""
+    inner = _unwrap(index)
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    if isinstance(inner, faiss.IndexPreTransform):
+        for i in range(inner.chain.size()):
+            if isinstance(faiss.downcast_VectorTransform(inner.chain.at(i)), faiss.OPQMatrix):
+                return "opq"
+        inner = faiss.downcast_index(inner.index)
+    return "pq" if isinstance(inner, faiss.IndexPQ) else type(inner).__name__.lower()
+
+
 def train(vectors: np.ndarray, config: IndexConfig | None = None) -> bytes:
-    """Train the codec on a seeded sample of ``vectors``; returns the empty trained index's bytes."""
+    """Train the codec on a seeded sample of ``vectors``; returns the empty trained index's bytes.
+
+    With fewer vectors than the codec needs (:func:`min_train_vectors`), the result is an empty exact
+    ``IDMap,Flat`` index: nothing to train, exact search, recall 1.0.
+    """
     cfg = config or IndexConfig()
     x = _as_vectors(vectors)
     n, d = x.shape
-    if n < _KSUB:
-        raise ValueError(f"need at least {_KSUB} training vectors, got {n}")
+    if n == 0:
+        raise ValueError("no vectors to build an index from")
+    if n < min_train_vectors(d, cfg):
+        return serialize(faiss.IndexIDMap(faiss.IndexFlatL2(d)))
     if n > cfg.train_size:
         rows = np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.train_size, replace=False))
         x = x[rows]
@@ -410,9 +464,14 @@ def make_sidecar(
     """The index's sidecar: what it is, how it was trained, how good it is (STYLE.md #11)."""
     d = int(index.d)
     code_bytes = _code_bytes(index)
+    kind = index_kind(index)
+    requested = factory
+    if kind == "flat" and not factory.replace("IDMap,", "").startswith("Flat"):
+        factory = FLAT_FACTORY  # too few vectors to train the requested codec (see train)
     id_map = faiss.vector_to_array(faiss.downcast_index(index).id_map) if hasattr(index, "id_map") else None
     sidecar: dict[str, Any] = {
         "format": SIDECAR_FORMAT,
+        "kind": kind,
         "factory": factory,
         "d": d,
         "n": int(index.ntotal),
@@ -429,6 +488,9 @@ def make_sidecar(
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **recall,
     }
+    if factory != requested:
+        sidecar["factory_requested"] = requested
+        sidecar["flat_reason"] = f"{int(train_size)} training vectors, fewer than the requested codec needs"
     if extra:
         sidecar.update(extra)
     return sidecar

@@ -16,26 +16,18 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from photolens import __version__
+from photolens.jobs.plan import Plan, plan_run
 from photolens.lake.delta import Lake, StagedFile
-from photolens.lake.photostore import (
-    ManifestError,
-    OwnerRules,
-    list_photos,
-    read_manifest,
-    to_manifest,
-)
-from photolens.lake.storage import Location, S3Settings, filesystem_for, join_uri, s3_settings
-from photolens.schemas.errors import ErrorCode, Status
+from photolens.lake.photostore import ManifestError
+from photolens.lake.storage import Location, S3Settings, filesystem_for, s3_settings
+from photolens.schemas.errors import ErrorCode
 from photolens.schemas.tables import SchemaMismatchError
 
 APP_PREFIX = "photolens.tag/"
@@ -83,6 +75,9 @@ class TagConfig:
     fetch_attempts: int = 5
     fetch_base_delay_s: float = 0.2
     todo_shard_rows: int = 50_000
+    # Output files: rows per staged file (photos per write batch), or derived from a target size in MiB.
+    rows_per_file: int | None = None
+    target_file_mib: float = 128.0
     device: str | None = None  # torch device for model stages; default cuda when num_gpus > 0
     # model choices (names in the model store) and GPU numerics
     detector: str = "ssd_mobilenet_v2_coco"
@@ -128,6 +123,8 @@ class TagConfig:
             problems.append(f"privacy must be face_passed_gate|any_face|never, got {self.privacy!r}")
         if self.run_id is not None and (not self.run_id or "/" in self.run_id or "'" in self.run_id):
             problems.append(f"--run-id {self.run_id!r}: use letters, digits, '-', '_' or '.'")
+        if (self.rows_per_file is not None and self.rows_per_file < 1) or self.target_file_mib <= 0:
+            problems.append("need --rows-per-file >= 1 and --target-file-mib > 0")
         if problems:
             raise ConfigError("bad configuration:\n  " + "\n  ".join(problems))
         return self
@@ -219,206 +216,7 @@ def _staging_uri(lake: Lake, run_id: str, attempt: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- planning
-
-
-class IdSet:
-    """A set of photo ids as sorted 64-bit hashes: 8 bytes per id, so 10^7 ids fit in 80 MB.
-
-    A false "seen" needs two ids sharing the first 64 bits of their 128-bit blake2b (about 3e-6 for a
-    10^7-photo table); the cost would be one photo skipped until ``--reprocess all``.
-
-    Held as a few sorted runs of geometrically shrinking size (newest last), merged as they grow: planning
-    calls ``contains`` and ``add`` once per manifest batch, and re-sorting one array per batch made planning
-    quadratic (10^7 keys took 14 minutes; now seconds). Merges use sort + neighbour compare, not
-    ``np.unique``, which is ~80x slower than a sort for uint64 under numpy 2.
-    """
-
-    def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []  # each sorted and unique; a value may sit in several runs
-
-    @staticmethod
-    def hashes(ids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
-        """The first 16 hex digits of each id as uint64: ``int(id[:16], 16)``, vectorised."""
-        if isinstance(ids, pa.ChunkedArray):
-            parts = [IdSet.hashes(c) for c in ids.chunks]
-            return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
-        if isinstance(ids, pa.Array):
-            fast = _hex_prefix_u64(ids)
-            if fast is not None:
-                return fast
-            values = ids.to_pylist()
-        else:
-            values = ids
-        return np.array([int(x[:16], 16) for x in values], dtype=np.uint64)
-
-    def add(self, h: np.ndarray) -> None:
-        run = _sorted_unique(np.array(h, dtype=np.uint64))  # a copy: sorted in place below
-        if not len(run):
-            return
-        self._runs.append(run)
-        # Merge while the newest run is at least half its elder: O(log n) runs, each id merged O(log n) times.
-        while len(self._runs) > 1 and 2 * len(self._runs[-1]) >= len(self._runs[-2]):
-            newer = self._runs.pop()
-            self._runs[-1] = _sorted_unique(np.concatenate((self._runs[-1], newer)))
-
-    def contains(self, h: np.ndarray) -> np.ndarray:
-        h = np.asarray(h, dtype=np.uint64)
-        found = np.zeros(len(h), dtype=bool)
-        for run in self._runs:
-            pos = np.searchsorted(run, h)
-            np.minimum(pos, len(run) - 1, out=pos)
-            found |= run[pos] == h
-        return found
-
-    def __len__(self) -> int:
-        if len(self._runs) > 1:
-            self._runs = [_sorted_unique(np.concatenate(self._runs))]
-        return len(self._runs[0]) if self._runs else 0
-
-
-_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX_VALUE[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX_VALUE[_c] = 10 + _i
-
-
-def _hex_prefix_u64(ids: pa.Array) -> np.ndarray | None:
-    """``int(s[:16], 16)`` for every string straight from Arrow's buffers; None when some value is not 16+
-    plain hex digits (the caller then takes the per-value path, which keeps ``int``'s exact semantics)."""
-    if pa.types.is_string_view(ids.type):
-        ids = ids.cast(pa.string())
-    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)) or ids.null_count:
-        return None
-    n = len(ids)
-    if n == 0:
-        return np.empty(0, dtype=np.uint64)
-    width = np.int64 if pa.types.is_large_string(ids.type) else np.int32
-    _, offsets_buf, data_buf = ids.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=width, count=n + 1, offset=ids.offset * np.dtype(width).itemsize)
-    data = np.frombuffer(data_buf, dtype=np.uint8)
-    starts = offsets[:-1].astype(np.int64)
-    lengths = np.diff(offsets)
-    if lengths.min() < 16:
-        return None
-    if (lengths == lengths[0]).all():  # photo ids: all 32 characters, back to back
-        block = data[starts[0] : starts[0] + n * int(lengths[0])].reshape(n, int(lengths[0]))[:, :16]
-    else:
-        block = data[starts[:, None] + np.arange(16)]
-    nibbles = _HEX_VALUE[block]
-    if (nibbles == 255).any():
-        return None
-    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # 8 big-endian bytes per id
-    return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
-
-
-def _sorted_unique(a: np.ndarray) -> np.ndarray:
-    """Sorts ``a`` in place (callers pass an array they own) and returns its distinct values."""
-    if len(a) < 2:
-        return a
-    # Stable sort is timsort for uint64: concatenated sorted runs merge in linear time.
-    a.sort(kind="stable")
-    keep = np.empty(len(a), dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
-
-
-@dataclass
-class Plan:
-    todo_uri: str
-    n_manifest: int = 0
-    n_todo: int = 0
-    n_done_before: int = 0
-    n_unowned: int = 0
-    n_forgotten: int = 0
-    n_duplicates: int = 0
-    replaced_ids: list[str] = field(default_factory=list)
-    shards: list[str] = field(default_factory=list)
-
-
-def _raw_batches(cfg: TagConfig, s3: S3Settings | None) -> Iterator[pa.RecordBatch]:
-    if cfg.manifest:
-        yield from read_manifest(cfg.manifest, cfg.photos, cfg.manifest_format, s3)
-    else:
-        assert cfg.photos is not None
-        yield from list_photos(cfg.photos, s3)
-
-
-def plan_run(cfg: TagConfig, lake: Lake, run_id: str, attempt: int, s3: S3Settings | None) -> Plan:
-    """Stream the manifest, drop what is done (or forgotten), write the rest as Parquet shards to process."""
-    done, existing = IdSet(), IdSet()
-    photos = lake.open("photos")
-    if photos is not None and cfg.reprocess != "all":
-        ds = photos.to_pyarrow_dataset()
-        for batch in ds.to_batches(columns=["photo_id", "status", "error_code"]):
-            ids = batch.column("photo_id")
-            existing.add(IdSet.hashes(ids))
-            status = batch.column("status").to_numpy(zero_copy_only=False)
-            codes = batch.column("error_code").to_numpy(zero_copy_only=False)
-            finished = status == Status.OK.value
-            if cfg.reprocess == "none":
-                # Permanent errors are finished too: the same bytes would fail the same way tonight.
-                finished |= (status == Status.ERROR.value) & ~np.isin(codes, [c.value for c in TRANSIENT_ERRORS])
-            finished |= status == Status.SKIPPED.value
-            done.add(IdSet.hashes(ids.filter(pa.array(finished))))
-    elif photos is not None:
-        for batch in photos.to_pyarrow_dataset().to_batches(columns=["photo_id"]):
-            existing.add(IdSet.hashes(batch.column("photo_id")))
-    forgotten = set(lake.read("tombstones", ["user_id"]).column("user_id").to_pylist())
-
-    plan = Plan(todo_uri=join_uri(_staging_uri(lake, run_id, attempt), "todo"))
-    fs, root = filesystem_for(plan.todo_uri, s3)
-    if not Location.parse(plan.todo_uri).is_s3:
-        fs.create_dir(root, recursive=True)
-    seen = IdSet()
-    rules = OwnerRules(cfg.user_pattern, cfg.profile_pattern)
-    buffer: list[pa.RecordBatch] = []
-    n_buffer = 0
-    shard = 0
-
-    def flush() -> None:
-        nonlocal buffer, n_buffer, shard
-        if buffer:
-            name = f"todo-{shard:06d}.parquet"
-            pq.write_table(pa.Table.from_batches(buffer), f"{root}/{name}", filesystem=fs)
-            plan.shards.append(join_uri(plan.todo_uri, name))
-            shard += 1
-            buffer, n_buffer = [], 0
-
-    for raw in _raw_batches(cfg, s3):
-        batch, unowned = to_manifest(raw, rules)
-        plan.n_manifest += raw.num_rows
-        plan.n_unowned += unowned
-        if not batch.num_rows:
-            continue
-        h = IdSet.hashes(batch.column("photo_id"))
-        # first occurrence within this batch and not seen in earlier batches
-        _, first = np.unique(h, return_index=True)
-        fresh = np.zeros(len(h), dtype=bool)
-        fresh[first] = True
-        fresh &= ~seen.contains(h)
-        plan.n_duplicates += int((~fresh).sum())
-        seen.add(h[fresh])
-        is_done = done.contains(h)
-        plan.n_done_before += int((fresh & is_done).sum())
-        users = batch.column("user_id").to_pylist()
-        gone = np.array([u in forgotten for u in users], dtype=bool) if forgotten else np.zeros(len(h), bool)
-        plan.n_forgotten += int((fresh & ~is_done & gone).sum())
-        keep = fresh & ~is_done & ~gone
-        if not keep.any():
-            continue
-        todo = batch.filter(pa.array(keep))
-        replaced = existing.contains(h[keep])
-        if replaced.any():
-            plan.replaced_ids.extend(np.array(todo.column("photo_id").to_pylist(), dtype=object)[replaced].tolist())
-        plan.n_todo += todo.num_rows
-        buffer.append(todo)
-        n_buffer += todo.num_rows
-        if n_buffer >= cfg.todo_shard_rows:
-            flush()
-    flush()
-    return plan
+# Planning lives in photolens.jobs.plan (Plan and plan_run are imported above for callers of this module).
 
 
 # ---------------------------------------------------------------------------------------------- recovery
@@ -480,7 +278,7 @@ def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: 
 
     from photolens.udfs.decode import DecodeConfig, DecodeUDF
     from photolens.udfs.fetch import FetchConfig, FetchUDF, read_shards
-    from photolens.udfs.write import WriteConfig, WriteUDF
+    from photolens.udfs.write import WriteConfig, WriteUDF, write_batch_rows
 
     # One read task per planned shard (read_parquet's file listing stalls beside several actor pools on
     # small clusters, and the shard list is already known).
@@ -520,7 +318,9 @@ def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: 
         emotion_labels = tuple(EMOTIONS)
     write_cfg = WriteConfig(lake.root, lake.restricted_root, run_id, run_date, s3_for_workers, cfg.privacy,
                             emotion_labels)
-    return ds.map_batches(WriteUDF, fn_constructor_kwargs={"config": write_cfg}, batch_size=cfg.batch_size,
+    # One write batch is one file per table: rows arrive here without pixels, so batches of a file's rows fit.
+    return ds.map_batches(WriteUDF, fn_constructor_kwargs={"config": write_cfg},
+                          batch_size=write_batch_rows(cfg.rows_per_file, cfg.target_file_mib),
                           compute=ActorPoolStrategy(min_size=1, max_size=cfg.max_actors), num_cpus=cpus["io"])
 
 
@@ -649,13 +449,13 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
         if _fault(cfg, "crash_before_commit") == name:
             _crash(f"before committing {name}")
         lake.commit_staged(name, files[name], app_id, attempt, custom,
-                           replace=("photo_id", plan.replaced_ids) if plan.replaced_ids else None)
+                           replace=plan.replacement(name, run_id))
     if _fault(cfg, "crash_before_commit") == "photos":
         _crash("before committing photos")
     report.seconds = time.perf_counter() - t_pipe
     landed = lake.commit_staged("photos", files["photos"], app_id, attempt,
                                 {**custom, "photolens.report": report.to_json()},
-                                replace=("photo_id", plan.replaced_ids) if plan.replaced_ids else None)
+                                replace=plan.replacement("photos", run_id))
     if landed is None:
         # A twin driver of this run id completed first; our staged files stay uncommitted (VACUUM removes them).
         report.status = "already committed"

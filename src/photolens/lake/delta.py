@@ -19,11 +19,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import threading
+import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -62,6 +66,116 @@ class StagedFile:
                    d["stats"])
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """Rows a commit removes: those whose ``column`` value is in the Parquet ``shards`` (one column, same name).
+
+    ``where``: (column, value) pairs every replaced row satisfies; files whose min/max stats exclude them are
+    not opened, and rows that fail them are kept. ``run_id`` names the rewritten files, so a vacuum can tell
+    whose they are.
+    """
+
+    column: str
+    shards: tuple[str, ...]
+    n: int
+    where: tuple[tuple[str, str], ...] = ()
+    run_id: str | None = None
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+
+
+def _hex128(values: pa.Array) -> np.ndarray | None:
+    """32-hex-digit strings (photo ids) as 16-byte keys (``S16``); None when some value is not one."""
+    if pa.types.is_string_view(values.type) or pa.types.is_large_string(values.type):
+        values = values.cast(pa.string())
+    if not pa.types.is_string(values.type) or values.null_count:
+        return None
+    n = len(values)
+    if n == 0:
+        return np.empty(0, dtype="S16")
+    _, offsets_buf, data_buf = values.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32, count=n + 1, offset=values.offset * 4)
+    if not (np.diff(offsets) == 32).all():
+        return None
+    data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[0] + 32 * n].reshape(n, 32)
+    nibbles = _HEX[data]
+    if (nibbles == 255).any():
+        return None
+    packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])
+    return packed.view("S16").ravel()
+
+
+class KeySet:
+    """The values of a replacement's shards, for membership tests: 16 bytes a photo id.
+
+    Photo ids (32 hex digits) are held as sorted 16-byte keys, exact (no hashing) and several times smaller
+    than Arrow or Python strings; other values fall back to an Arrow string set.
+    """
+
+    def __init__(self, keys: np.ndarray | None, strings: pa.Array | None) -> None:
+        self._keys, self._strings = keys, strings
+
+    @classmethod
+    def load(cls, shards: tuple[str, ...], column: str, s3: S3Settings | None) -> KeySet:
+        parts: list[np.ndarray] = []
+        strings: list[pa.Array] = []
+        for uri in shards:
+            fs, path = filesystem_for(uri, s3)
+            with fs.open_input_file(path) as f:
+                col = pq.read_table(f, columns=[column]).column(column)
+            for chunk in col.chunks:
+                keys = None if strings else _hex128(chunk)
+                if keys is None:
+                    strings.append(chunk.cast(pa.string()))
+                else:
+                    parts.append(keys)
+        if strings:  # not all photo ids: exact string matching for everything
+            strings += [pa.array([k.hex() for k in p.tolist()], pa.string()) for p in parts]
+            return cls(None, pa.concat_arrays(strings).unique())
+        keys = np.concatenate(parts) if parts else np.empty(0, dtype="S16")
+        keys.sort()
+        return cls(keys, None)
+
+    def __len__(self) -> int:
+        return len(self._keys) if self._keys is not None else len(self._strings or [])
+
+    def contains(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        if isinstance(values, pa.ChunkedArray):
+            parts = [self.contains(c) for c in values.chunks]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+        if self._strings is not None:
+            return pc.is_in(values.cast(pa.string()), value_set=self._strings).to_numpy(zero_copy_only=False)
+        assert self._keys is not None
+        if not len(self._keys):
+            return np.zeros(len(values), dtype=bool)
+        keys = _hex128(values)
+        if keys is None:
+            # Some value is no photo id (32 hex digits); such a value is in no set of photo ids.
+            vals = values.to_pylist()
+            ok = np.array([isinstance(v, str) and _is_hex32(v) for v in vals], dtype=bool)
+            out = np.zeros(len(vals), dtype=bool)
+            if ok.any():
+                out[ok] = self._member(np.array([bytes.fromhex(v) for v, o in zip(vals, ok, strict=True) if o],
+                                                dtype="S16"))
+            return out
+        return self._member(keys)
+
+    def _member(self, keys: np.ndarray) -> np.ndarray:
+        assert self._keys is not None
+        pos = np.searchsorted(self._keys, keys)
+        np.minimum(pos, len(self._keys) - 1, out=pos)
+        return self._keys[pos] == keys
+
+
+def _is_hex32(v: str) -> bool:
+    return len(v) == 32 and all(c in "0123456789abcdefABCDEF" for c in v)
+
+
 def _stat_value(v: Any) -> Any:
     if isinstance(v, dt.datetime):
         return v.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -84,6 +198,46 @@ def file_stats(table: pa.Table, skip: tuple[str, ...] = ()) -> str:
                 continue
             mins[name], maxs[name] = _stat_value(lo), _stat_value(hi)
     return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+_LEASE_LOCK = threading.Lock()
+_LEASE_TOUCHED: dict[str, float] = {}
+_LEASE_MIN_INTERVAL_S = 5.0
+_REWRITE_BATCH = 65_536
+_REWRITE_THREADS = 4
+
+
+def _stats_may_hold(add: dict[str, Any], column: str, value: str) -> bool:
+    """False only when the file's min/max stats of ``column`` exclude ``value`` (no stats: it may)."""
+    lo, hi = add.get(f"min.{column}"), add.get(f"max.{column}")
+    if lo is None or hi is None:
+        return True
+    return str(lo) <= value <= str(hi)
+
+
+class _StatsAccumulator:
+    """Delta file stats (numRecords, min/max, null counts) merged over the record batches of one file."""
+
+    def __init__(self, skip: tuple[str, ...] = ()) -> None:
+        self.skip = skip
+        self.n = 0
+        self.mins: dict[str, Any] = {}
+        self.maxs: dict[str, Any] = {}
+        self.nulls: dict[str, int] = {}
+
+    def add(self, part: pa.Table) -> None:
+        doc = json.loads(file_stats(part, self.skip))
+        self.n += doc["numRecords"]
+        for k, v in doc["nullCount"].items():
+            self.nulls[k] = self.nulls.get(k, 0) + v
+        for k, v in doc["minValues"].items():
+            self.mins[k] = v if k not in self.mins else min(self.mins[k], v)
+        for k, v in doc["maxValues"].items():
+            self.maxs[k] = v if k not in self.maxs else max(self.maxs[k], v)
+
+    def json(self) -> str:
+        return json.dumps({"numRecords": self.n, "minValues": self.mins, "maxValues": self.maxs,
+                           "nullCount": self.nulls})
 
 
 class Lake:
@@ -191,6 +345,21 @@ class Lake:
         return table.version()
 
     # ---------------------------------------------------------------- staged writes (workers) + commit (driver)
+    def lease_uri(self, run_id: str) -> str:
+        return self.meta_uri("leases", f"{run_id}.json")
+
+    def touch_lease(self, run_id: str) -> None:
+        """Mark ``run_id`` as alive now: its staged, not yet committed files are not orphans.
+
+        At most one write per run every few seconds per process (rewrite threads call it per file).
+        """
+        now = time.monotonic()
+        with _LEASE_LOCK:
+            if now - _LEASE_TOUCHED.get(run_id, -1e9) < _LEASE_MIN_INTERVAL_S:
+                return
+            _LEASE_TOUCHED[run_id] = now
+            self.put_json(self.lease_uri(run_id), {"run_id": run_id, "at": dt.datetime.now(dt.UTC).isoformat()})
+
     def stage(self, name: str, data: pa.Table, tag: str) -> list[StagedFile]:
         """Write ``data`` as Parquet file(s) in the table's folder; nothing is visible until ``commit_staged``."""
         if data.num_rows == 0:
@@ -227,11 +396,12 @@ class Lake:
 
     def commit_staged(self, name: str, files: list[StagedFile], app_id: str, txn_version: int,
                       custom_metadata: dict[str, str] | None = None,
-                      replace: tuple[str, list[str]] | None = None) -> int | None:
+                      replace: Replacement | None = None) -> int | None:
         """One Delta commit adding ``files``; returns the new version, or None when this txn already landed.
 
-        ``replace=(column, values)``: rows whose ``column`` is in ``values`` are removed in the same commit
-        (their files are rewritten without them), so a reprocessed photo keeps exactly one row.
+        ``replace``: rows whose ``replace.column`` is among the values of its shards are removed in the same
+        commit (their files are rewritten without them, one file at a time), so a reprocessed photo keeps
+        exactly one row.
         """
         spec = self.spec(name)
         table = self.ensure(name)
@@ -245,8 +415,8 @@ class Lake:
         actions: list[AddAction | RemoveAction] = [
             AddAction(f.path, f.size, f.partition_values, now_ms, True, f.stats) for f in files
         ]
-        if replace and replace[1]:
-            actions += self._rewrite_without(name, table, replace[0], replace[1], now_ms)
+        if replace is not None and replace.n:
+            actions += self._rewrite_without(name, table, replace, now_ms)
         table.create_write_transaction(
             actions,
             mode="append",
@@ -257,34 +427,82 @@ class Lake:
         table.update_incremental()
         return table.version()
 
-    def _rewrite_without(self, name: str, table: DeltaTable, column: str, values: list[str],
+    def _rewrite_without(self, name: str, table: DeltaTable, replace: Replacement,
                          now_ms: int) -> list[AddAction | RemoveAction]:
-        """Remove + re-add actions for every file that holds one of ``values`` in ``column``."""
+        """Remove + re-add actions for every file that holds a replaced row.
+
+        Memory: the replaced keys (16 bytes each) and one record batch at a time; files whose stats exclude
+        ``replace.where`` are not opened, the others are scanned on the key columns first and streamed
+        through a rewrite only when they hold a replaced row.
+        """
         spec = self.spec(name)
-        value_set = pa.array(sorted(set(values)), pa.string())
+        keys = KeySet.load(replace.shards, replace.column, self.s3)
+        if not len(keys):
+            return []
         fs, root = filesystem_for(self.table_uri(name), self.s3)
-        actions: list[AddAction | RemoveAction] = []
-        adds = pa.table(table.get_add_actions(flatten=True)).to_pylist()
-        for add in adds:
+        adds = pa.table(table.get_add_actions(flatten=True))
+        candidates = []
+        for add in adds.to_pylist():
+            if all(_stats_may_hold(add, col, val) for col, val in replace.where):
+                candidates.append(add)
+
+        def rewrite(add: dict[str, Any]) -> list[AddAction | RemoveAction]:
+            if replace.run_id:  # a long rewrite must not let a vacuum take the run's staged files
+                self.touch_lease(replace.run_id)
             path = add["path"]
-            with fs.open_input_file(f"{root}/{path}") as f:
-                body = pq.read_table(f)
-            hit = pc.is_in(body.column(column), value_set=value_set)
-            if not pc.any(hit).as_py():
-                continue
+            src = f"{root}/{path}"
+            probe = [replace.column, *(c for c, _ in replace.where)]
+            with fs.open_input_file(src) as f:
+                pf = pq.ParquetFile(f)
+                hits = sum(int(self._hits(batch, keys, replace).sum())
+                           for batch in pf.iter_batches(columns=probe, batch_size=_REWRITE_BATCH))
+            if not hits:
+                return []
             parts = {k.removeprefix("partition."): v for k, v in add.items() if k.startswith("partition.")}
             parts = {k: None if v is None else str(v) for k, v in parts.items()}
-            actions.append(RemoveAction(path, True, now_ms, add["size_bytes"], parts))
-            keep = body.filter(pc.invert(hit))
-            if keep.num_rows:
-                folder = path.rsplit("/", 1)[0] if "/" in path else ""
-                rel = (folder + "/" if folder else "") + f"part-rewrite-{uuid.uuid4().hex[:12]}.parquet"
-                with fs.open_output_stream(f"{root}/{rel}") as f:
-                    pq.write_table(keep, f, compression="zstd")
+            out: list[AddAction | RemoveAction] = [RemoveAction(path, True, now_ms, add["size_bytes"], parts)]
+            folder = path.rsplit("/", 1)[0] if "/" in path else ""
+            tag = f"{replace.run_id}-" if replace.run_id else "rewrite-"
+            name_ = f"part-{tag}{uuid.uuid4().hex[:12]}-{uuid.uuid4().hex[:12]}.parquet"
+            rel = (folder + "/" if folder else "") + name_
+            stats = _StatsAccumulator(skip=tuple(spec.partition_by))
+            with fs.open_input_file(src) as f:
+                pf = pq.ParquetFile(f)
+                writer: pq.ParquetWriter | None = None
+                sink = None
+                try:
+                    for batch in pf.iter_batches(batch_size=_REWRITE_BATCH):
+                        keep = batch.filter(pa.array(~self._hits(batch, keys, replace)))
+                        if not keep.num_rows:
+                            continue
+                        if writer is None:
+                            sink = fs.open_output_stream(f"{root}/{rel}")
+                            writer = pq.ParquetWriter(sink, pf.schema_arrow, compression="zstd")
+                        writer.write_batch(keep)
+                        stats.add(pa.Table.from_batches([keep]))
+                finally:
+                    if writer is not None:
+                        writer.close()
+                    if sink is not None:
+                        sink.close()
+            if writer is not None:
                 size = fs.get_file_info(f"{root}/{rel}").size
-                actions.append(AddAction(rel, size, parts, now_ms, True,
-                                         file_stats(keep, skip=tuple(spec.partition_by))))
+                out.append(AddAction(rel, size, parts, now_ms, True, stats.json()))
+            return out
+
+        # Files are independent: a few at a time keeps the object store busy (Parquet I/O releases the GIL).
+        actions: list[AddAction | RemoveAction] = []
+        with ThreadPoolExecutor(max_workers=_REWRITE_THREADS) as pool:
+            for acts in pool.map(rewrite, candidates):
+                actions += acts
         return actions
+
+    @staticmethod
+    def _hits(batch: pa.RecordBatch, keys: KeySet, replace: Replacement) -> np.ndarray:
+        hit = keys.contains(batch.column(replace.column))
+        for col, val in replace.where:
+            hit &= pc.fill_null(pc.equal(batch.column(col), val), False).to_numpy(zero_copy_only=False)
+        return hit
 
     def committed_version(self, name: str, app_id: str) -> int | None:
         table = self.open(name)

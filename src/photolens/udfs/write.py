@@ -1,7 +1,13 @@
 """Write stage: per-photo rows (with their model outputs) become Parquet files staged in the Delta tables.
 
-Nothing written here is visible to readers: the driver commits the staged files once per run. Each batch
+Nothing written here is visible to readers: the driver commits the staged files once per run. Each call
 returns one small descriptor row (files written, counts, seconds per stage), which is all the driver keeps.
+
+File sizes: the job gives this stage batches of :func:`write_batch_rows` photos (its rows carry no pixels by
+then, so a batch is small), and each batch becomes one file per table (two for ``photos`` when it holds both
+ok and other rows: error rows live apart, so a reprocessing commit rewrites only the small error files). Ray
+Data hands the last, shorter batch to the stage like any other, so no buffered rows wait for an end of stream
+that ``map_batches`` would never announce.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from photolens.lake.delta import Lake
 from photolens.lake.storage import S3Settings
@@ -160,6 +167,18 @@ def _table(cols: dict[str, list], n: int, constants: dict[str, object]) -> pa.Ta
     return pa.table(data) if n else pa.table({k: pa.nulls(0) for k in data})
 
 
+# Bytes a photo adds to the staged files, all tables together, as measured by bench/bench_write.py on
+# zstd Parquet (a photos row, its detections and a face with its 128-d embedding): sizes a file target.
+BYTES_PER_PHOTO = 600
+
+
+def write_batch_rows(rows_per_file: int | None, target_file_mib: float) -> int:
+    """Photos per write batch (= per staged file): ``rows_per_file``, else what fills ``target_file_mib``."""
+    if rows_per_file is not None:
+        return max(1, int(rows_per_file))
+    return max(1, int(target_file_mib * 2**20 / BYTES_PER_PHOTO))
+
+
 class WriteUDF:
     """Stages each batch's rows as Parquet in the tables' folders and describes what it wrote."""
 
@@ -171,8 +190,13 @@ class WriteUDF:
         photos, dets, faces = build_rows(batch, self.config)
         tag = f"{self.config.run_id}-{hashlib.blake2b(str(batch['photo_id'][0]).encode(), digest_size=6).hexdigest()}"
         files = []
-        for name, table in (("photos", photos), ("detections", dets), ("faces", faces)):
+        ok = pc.equal(photos.column("status"), Status.OK.value) if photos.num_rows else None
+        parts = [("photos", photos)] if ok is None else [("photos", photos.filter(ok)),
+                                                         ("photos", photos.filter(pc.invert(ok)))]
+        for name, table in (*parts, ("detections", dets), ("faces", faces)):
             files += [f.to_dict() for f in self.lake.stage(name, table, tag)]
+        # The run's lease: a vacuum leaves the staged files of a run that wrote within its lease alone.
+        self.lake.touch_lease(self.config.run_id)
         statuses = Counter(str(s) for s in batch["status"])
         errors = Counter(str(c) for c, s in zip(_col(batch, "error_code", len(photos)), batch["status"], strict=True)
                          if s != Status.OK.value and c)
