@@ -14,6 +14,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 Handler = Callable[[argparse.Namespace], int]
 
+# Exit codes: what a scheduler needs to tell apart.
+EXIT_CONFIG = 2  # bad configuration or input: fix it before running again
+EXIT_NOT_COMMITTED = 3  # the run did not complete (another driver holds it, the store failed, the error budget
+#                         was exceeded, a commit conflicted): nothing of it is visible; run it again
+EXIT_INCOMPLETE = 4  # the job finished but its receipt lists work still pending (forget)
+
 
 def _add_tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--photos", help="photo store: a folder or s3://bucket/prefix (listed unless --manifest)")
@@ -42,6 +48,12 @@ def _add_tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-file-mib", dest="target_file_mib", type=float,
                    help="target size of output Parquet files in MiB (default 128)")
     p.add_argument("--fetch-attempts", dest="fetch_attempts", type=int, help="attempts per photo read (default 5)")
+    p.add_argument("--lease-seconds", dest="lease_seconds", type=float,
+                   help="the run's lease: a driver not heard from this long is gone and its run may be taken "
+                        "over and rolled back (default 300; renewed every third of it)")
+    p.add_argument("--max-error-rate", dest="max_error_rate", type=float,
+                   help="largest MODEL_FAILED share of the photos reaching the model stages that still commits "
+                        "(default 0.5)")
     p.add_argument("--decode-time-limit", dest="decode_time_limit_s", type=float,
                    help="seconds one photo may take to decode before it becomes a DECODE_TIMEOUT row (default 10)")
     p.add_argument("--device", help="torch device for model stages (default: cuda when --num-gpus > 0)")
@@ -187,8 +199,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from photolens.jobs.tag import ConfigError
+    from deltalake.exceptions import CommitFailedError
+
+    from photolens.jobs.tag import ConfigError, ErrorBudgetExceededError
+    from photolens.lake.delta import UnrolledAttemptError
+    from photolens.lake.lease import LeaseHeldError, LeaseLostError
     from photolens.lake.photostore import ManifestError
+    from photolens.lake.storage import StorageUnavailableError
     from photolens.models.store import ModelStoreError
     from photolens.schemas.tables import SchemaMismatchError
 
@@ -196,9 +213,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (ConfigError, ManifestError, ModelStoreError, SchemaMismatchError) as exc:
         print(f"photolens {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except (LeaseHeldError, LeaseLostError, ErrorBudgetExceededError, StorageUnavailableError,
+            UnrolledAttemptError) as exc:
+        _fail_line(args.command, str(exc))
+        return EXIT_NOT_COMMITTED
+    except CommitFailedError as exc:
+        _fail_line(args.command, f"a concurrent writer changed a table during the commit ({exc}); nothing more "
+                                 "of this run was committed: run it again")
+        return EXIT_NOT_COMMITTED
     except KeyboardInterrupt:
         return 130
+
+
+def _fail_line(command: str, text: str) -> None:
+    print(f"photolens {command}: " + " ".join(text.split()), file=sys.stderr)
 
 
 def print_json(obj: Any) -> None:

@@ -383,8 +383,15 @@ def forget_user(cfg: ForgetConfig, *, extra_training: np.ndarray | None = None) 
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    print_json(forget_user(ForgetConfig(
+    receipt = forget_user(ForgetConfig(
         user=args.user, lake=args.lake, restricted_lake=args.restricted_lake, index_store=args.index_store,
-        retention_hours=args.retention_hours, rebuild_index=args.rebuild_index)))
-    return 0
+        retention_hours=args.retention_hours, rebuild_index=args.rebuild_index))
+    print_json(receipt)
+    if receipt["complete"]:
+        return 0
+    import sys
+
+    print(f"photolens forget: incomplete ({'; '.join(receipt['pending'])}); receipt {receipt['receipt_uri']}",
+          file=sys.stderr)
+    return 4  # cli.EXIT_INCOMPLETE: deleted what it could, the receipt says what is still pending
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 from photolens import __version__
 from photolens.jobs.plan import Plan, plan_run
 from photolens.lake.delta import Lake, StagedFile
+from photolens.lake.lease import DEFAULT_LEASE_SECONDS, MIN_LEASE_SECONDS, RunLease, lease_is_live
 from photolens.lake.photostore import ManifestError
 from photolens.lake.storage import Location, S3Settings, filesystem_for, s3_settings
 from photolens.schemas.errors import ErrorCode
@@ -43,6 +44,10 @@ ALL_STAGES = ("decode", *MODEL_STAGES)
 
 class ConfigError(ValueError):
     """The job's configuration cannot work; the message says what to fix."""
+
+
+class ErrorBudgetExceededError(RuntimeError):
+    """Too many photos failed in the model stages: the run commits nothing (a broken device, not bad photos)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,9 @@ class TagConfig:
     bf16: bool = False
     channels_last: bool = False
     progress: bool = True
-    fault: str | None = None  # test hook: "crash_after_batches=N" | "crash_before_commit=<table>"
+    lease_seconds: float = DEFAULT_LEASE_SECONDS  # a driver silent this long has lost its run
+    max_error_rate: float = 0.5  # MODEL_FAILED share of the photos reaching the model stages; above it, no commit
+    fault: str | None = None  # test hook: "crash_after_batches=N" | "crash_before_commit=<table>" | ...
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TagConfig:
@@ -119,6 +126,10 @@ class TagConfig:
             problems.append(f"user_pattern {self.user_pattern!r} must contain {{user_id}}")
         if self.num_gpus < 0 or self.min_actors < 1 or self.max_actors < self.min_actors or self.batch_size < 1:
             problems.append("need num_gpus >= 0, 1 <= min_actors <= max_actors, batch_size >= 1")
+        if self.lease_seconds < MIN_LEASE_SECONDS:
+            problems.append(f"--lease-seconds must be >= {MIN_LEASE_SECONDS:g}, got {self.lease_seconds:g}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            problems.append(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate:g}")
         if self.privacy not in ("face_passed_gate", "any_face", "never"):
             problems.append(f"privacy must be face_passed_gate|any_face|never, got {self.privacy!r}")
         if self.run_id is not None and (not self.run_id or "/" in self.run_id or "'" in self.run_id):
@@ -222,8 +233,15 @@ def _staging_uri(lake: Lake, run_id: str, attempt: int) -> str:
 # ---------------------------------------------------------------------------------------------- recovery
 
 
-def recover_incomplete_runs(lake: Lake, s3: S3Settings | None) -> list[str]:
-    """Roll back child-table rows of runs that never committed ``photos`` (crashed between commits)."""
+def recover_incomplete_runs(lake: Lake, s3: S3Settings | None,
+                            lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[str]:
+    """Roll back the child-table commits of runs that never committed ``photos`` and whose driver is gone.
+
+    Gone: its lease expired unrenewed, was released by a driver that failed, or its process is dead on this
+    machine. A run whose lease is live is someone's work in progress and is left alone. Each run is taken
+    over with a conditional write first, so two recovering drivers never roll back one run together. A
+    ledger that cannot be read stops recovery (and the run) with a message: it is never taken as absent.
+    """
     fs, root = filesystem_for(lake.meta_uri("runs"), s3)
     from pyarrow.fs import FileSelector
 
@@ -233,23 +251,44 @@ def recover_incomplete_runs(lake: Lake, s3: S3Settings | None) -> list[str]:
         return []
     rolled = []
     for info in infos:
-        if not info.path.endswith(".json"):
+        if not info.base_name.endswith(".json") or info.base_name.startswith("."):
             continue
-        uri = lake.meta_uri("runs", info.base_name)
-        ledger = lake.get_json(uri)
-        if not ledger or ledger.get("state") != "started":
+        ledger = lake.get_json(lake.meta_uri("runs", info.base_name))
+        if not ledger or ledger.get("state") not in ("started", "failed") or lease_is_live(ledger):
             continue
-        run_id = ledger["run_id"]
-        app_id = APP_PREFIX + run_id
-        if lake.committed_version("photos", app_id) is not None:
-            lake.put_json(uri, {**ledger, "state": "committed"})
+        run_id = str(ledger.get("run_id") or info.base_name.removesuffix(".json"))
+        lease = RunLease(lake, run_id, lease_seconds)
+        taken = lease.acquire(lambda cur: {**(cur or {}), "recovering": True}, skip_live=True)
+        if taken is None:
+            continue  # another driver took it between our read and our write
+        if taken.get("state") not in ("started", "failed"):
+            lease.release(recovering=False)
             continue
-        for name in CHILD_TABLES:
-            if lake.committed_version(name, app_id) is not None:
-                lake.delete_where(name, f"run_id = '{run_id}'")
-        lake.put_json(uri, {**ledger, "state": "rolled_back"})
-        rolled.append(run_id)
+        if _roll_back_run(lake, run_id, lease) == "rolled_back":
+            rolled.append(run_id)
     return rolled
+
+
+def _roll_back_run(lake: Lake, run_id: str, lease: RunLease) -> str:
+    """Undo an incomplete run's child commits (restoring rows its reprocessing replaced) while holding its
+    lease; the ledger ends ``committed`` (its photos commit landed after all) or ``rolled_back``."""
+    app_id = APP_PREFIX + run_id
+    if lake.committed_version("photos", app_id) is not None:
+        lease.release(state="committed", recovering=False)
+        return "committed"
+    undone = []
+    for name in CHILD_TABLES:
+        lease.check()
+        result = lake.rollback(name, app_id, run_id)
+        if result is not None:
+            undone.append(result)
+    lease.release(state="rolled_back", recovering=False, rolled_back=undone,
+                  rolled_back_at=dt.datetime.now(dt.UTC).isoformat())
+    return "rolled_back"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -264,6 +303,19 @@ def _fault(cfg: TagConfig, key: str) -> str | None:
         if k.strip() == key:
             return v.strip()
     return None
+
+
+def _hold(cfg: TagConfig, table: str) -> None:
+    """Test hook ``wait_before_commit=<table>:<path>``: a live driver paused before a commit until ``path``
+    exists (its lease heartbeat keeps running), so a test can start another driver meanwhile."""
+    spec = _fault(cfg, "wait_before_commit")
+    if not spec or spec.partition(":")[0] != table:
+        return
+    path = Path(spec.partition(":")[2])
+    print(f"[fault injection] holding before committing {table} until {path} exists", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 900
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _crash(reason: str) -> None:
@@ -381,26 +433,65 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     report.model_versions = model_versions
 
     if lake.committed_version("photos", app_id) is not None:
-        prior = lake.commit_metadata("photos", app_id) or {}
-        report.status = "already committed"
-        if "photolens.report" in prior:
-            old = json.loads(prior["photolens.report"])
-            report.attempt, report.n_manifest, report.n_todo = old["attempt"], old["n_manifest"], old["n_todo"]
-            report.status_counts, report.error_counts = old["status_counts"], old["error_counts"]
-            _write_runs_row(lake, cfg, report, started_at, prior_report=old)
-        report.table_versions = {n: lake.version(n) for n in report.tables}
-        return report
+        return _already_committed(lake, cfg, report, started_at, app_id)
 
-    recover_incomplete_runs(lake, s3)
-    ledger_uri = _ledger_uri(lake, run_id)
-    ledger = lake.get_json(ledger_uri) or {}
-    attempt = int(ledger.get("attempt", 0)) + 1
+    recover_incomplete_runs(lake, s3, cfg.lease_seconds)
+    # The run's lease: a second driver of a live run id stops here, before it reads or writes anything of it.
+    lease = RunLease(lake, run_id, cfg.lease_seconds)
+
+    def fresh_attempt(current: dict[str, Any] | None) -> dict[str, Any]:
+        return {"run_id": run_id, "attempt": int((current or {}).get("attempt", 0)) + 1, "state": "started",
+                "started_at": started_at.isoformat(), "config": cfg.public_dict(),
+                "previous_state": (current or {}).get("state")}
+
+    ledger = lease.acquire(fresh_attempt)
+    attempt = int(ledger["attempt"])
     report.attempt = attempt
-    # Planning only reads the manifest and writes todo shards under _photolens/staging, so a bad manifest
-    # stops the job here with no ledger entry; the entry is written before any table file is staged.
-    plan = plan_run(cfg, lake, run_id, attempt, s3)
-    lake.put_json(ledger_uri, {"run_id": run_id, "attempt": attempt, "state": "started",
-                               "started_at": started_at.isoformat(), "config": cfg.public_dict()})
+    lease.start_heartbeat()
+    try:
+        if lake.committed_version("photos", app_id) is not None:  # a twin finished just before we took over
+            lease.release(state="committed")
+            return _already_committed(lake, cfg, report, started_at, app_id)
+        return _run_leased(cfg, s3, lake, lease, report, started_at)
+    except BaseException as exc:
+        lease.stop_heartbeat()
+        if lease.doc is not None and not (lease.doc.get("lease") or {}).get("released") and not lease.lost:
+            with contextlib.suppress(Exception):  # the original error matters more than a failed ledger write
+                lease.release(state="failed", error=_one_line(exc),
+                              failed_at=dt.datetime.now(dt.UTC).isoformat())
+        raise
+
+
+def _already_committed(lake: Lake, cfg: TagConfig, report: RunReport, started_at: dt.datetime,
+                       app_id: str) -> RunReport:
+    prior = lake.commit_metadata("photos", app_id) or {}
+    report.status = "already committed"
+    if "photolens.report" in prior:
+        old = json.loads(prior["photolens.report"])
+        report.attempt, report.n_manifest, report.n_todo = old["attempt"], old["n_manifest"], old["n_todo"]
+        report.status_counts, report.error_counts = old["status_counts"], old["error_counts"]
+        _write_runs_row(lake, cfg, report, started_at, prior_report=old)
+    report.table_versions = {n: lake.version(n) for n in report.tables}
+    return report
+
+
+def _run_leased(cfg: TagConfig, s3: S3Settings | None, lake: Lake, lease: RunLease, report: RunReport,
+                started_at: dt.datetime) -> RunReport:
+    """The run, from planning to the committed ledger, while this driver holds the run's lease."""
+    run_id, attempt = report.run_id, report.attempt
+    app_id = APP_PREFIX + run_id
+    # An earlier attempt of this run that died between its commits: undo it before doing the work again.
+    for name in CHILD_TABLES:
+        undone = lake.rollback(name, app_id, run_id)
+        if undone is not None:
+            report.notes.append(f"rolled back attempt {undone['attempt']} of this run from {name} ({undone['how']})")
+    try:
+        plan = plan_run(cfg, lake, run_id, attempt, s3)
+    except ManifestError:
+        if attempt == 1:
+            # Nothing of the run exists yet: leave no ledger behind for a manifest that must be fixed first.
+            lease.discard()
+        raise
     for k in ("n_manifest", "n_todo", "n_done_before", "n_unowned", "n_forgotten", "n_duplicates"):
         setattr(report, k, getattr(plan, k))
     run_date = started_at.strftime("%Y-%m-%d")
@@ -443,16 +534,23 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     if n_rows != plan.n_todo:
         raise RuntimeError(f"pipeline returned {n_rows} photo rows for {plan.n_todo} planned: refusing to commit")
 
-    # Commit: children first, photos last (the run's completion), then the runs row.
+    _check_error_budget(cfg, run_id, statuses, errors)
+
+    # Commit: children first, photos last (the run's completion), then the runs row. The lease is checked
+    # right before each commit: a driver that lost its run to another must not add rows beside that one's.
     custom = {"photolens.run_id": run_id}
     for name in CHILD_TABLES:
         if _fault(cfg, "crash_before_commit") == name:
             _crash(f"before committing {name}")
+        _hold(cfg, name)
+        lease.check()
         lake.commit_staged(name, files[name], app_id, attempt, custom,
                            replace=plan.replacement(name, run_id))
     if _fault(cfg, "crash_before_commit") == "photos":
         _crash("before committing photos")
+    _hold(cfg, "photos")
     report.seconds = time.perf_counter() - t_pipe
+    lease.check()
     landed = lake.commit_staged("photos", files["photos"], app_id, attempt,
                                 {**custom, "photolens.report": report.to_json()},
                                 replace=plan.replacement("photos", run_id))
@@ -462,11 +560,26 @@ def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
     report.table_versions = {n: lake.version(n) for n in report.tables}
     _write_runs_row(lake, cfg, report, started_at)
     report.table_versions["runs"] = lake.version("runs")
-    lake.put_json(ledger_uri, {"run_id": run_id, "attempt": attempt, "state": "committed",
-                               "started_at": started_at.isoformat(), "config": cfg.public_dict(),
-                               "finished_at": dt.datetime.now(dt.UTC).isoformat()})
+    lease.release(state="committed", finished_at=dt.datetime.now(dt.UTC).isoformat())
     _cleanup_staging(lake, run_id, s3)
     return report
+
+
+def _check_error_budget(cfg: TagConfig, run_id: str, statuses: Counter[str], errors: Counter[str]) -> None:
+    """Refuse to commit when the model stages failed on more than ``max_error_rate`` of the photos they got.
+
+    The share counts photos that reached the model stages (decoded fine): photos lost earlier (fetch,
+    decode) say nothing about the models, and would hide a dead device behind a bad night of storage.
+    """
+    if not any(s in cfg.stages for s in MODEL_STAGES):
+        return
+    failed = int(errors.get(ErrorCode.MODEL_FAILED.value, 0))
+    reached = int(statuses.get("ok", 0)) + failed
+    if reached and failed / reached > cfg.max_error_rate:
+        raise ErrorBudgetExceededError(
+            f"run {run_id}: {failed} of {reached} photos failed in a model stage (MODEL_FAILED, "
+            f"{failed / reached:.0%}), above --max-error-rate {cfg.max_error_rate:g}: nothing committed; "
+            "check the model device (a broken CUDA context fails every photo), then run again")
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -16,8 +16,10 @@ Protocol of a run (``photolens tag``):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
 import math
 import threading
 import time
@@ -35,11 +37,35 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
-from photolens.lake.storage import Location, S3Settings, filesystem_for, join_uri, read_bytes, write_bytes_atomic
+from photolens.lake.storage import (
+    Location,
+    S3Settings,
+    StorageUnavailableError,
+    filesystem_for,
+    join_uri,
+    read_versioned,
+    write_bytes_atomic,
+    write_conditional,
+)
 from photolens.schemas.tables import TABLES, SchemaMismatchError, TableSpec, conform, diff_schemas
+
+log = logging.getLogger(__name__)
 
 # The table whose commit completes a run (protocol step 3): once it carries a run's app id, the run is done.
 COMPLETION_TABLE = "photos"
+# The app id whose transaction version records the newest attempt of a run rolled back from a table.
+ROLLBACK_SUFFIX = "#rolled-back"
+# Reads of small documents (ledgers, receipts): attempts and the first back-off delay (doubling).
+READ_ATTEMPTS = 5
+READ_BASE_DELAY_S = 0.2
+
+
+class LakeUnavailableError(StorageUnavailableError):
+    """A lake document could not be read after retries: absent and unreadable are never confused."""
+
+
+class UnrolledAttemptError(RuntimeError):
+    """A child table still holds rows of an earlier attempt of the same run: committing would double them."""
 # Columns whose min/max go into the Delta stats, so readers and per-user deletes can skip files.
 _STATS_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp, pa.types.is_string,
                 pa.types.is_boolean)
@@ -405,12 +431,20 @@ class Lake:
         """
         spec = self.spec(name)
         table = self.ensure(name)
-        if (table.transaction_version(app_id) or 0) >= txn_version:
+        prior = table.transaction_version(app_id)
+        if (prior or 0) >= txn_version:
             return None
         # The run already completed under another attempt (a twin driver of the same run id, whose higher
         # attempt number would pass the check above): its rows are in, commit nothing more of it.
         if self.committed_version(COMPLETION_TABLE, app_id) is not None:
             return None
+        # An earlier attempt of this app id committed here: its rows must have been rolled back first, or
+        # this commit would add the same photos' rows a second time.
+        if prior is not None and (table.transaction_version(app_id + ROLLBACK_SUFFIX) or 0) < prior:
+            raise UnrolledAttemptError(
+                f"{name}: attempt {prior} of {app_id} committed rows that were never rolled back; attempt "
+                f"{txn_version} refuses to add its own beside them (recovery rolls them back first)")
+        custom_metadata = {**(custom_metadata or {}), "photolens.attempt": str(txn_version)}
         now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
         actions: list[AddAction | RemoveAction] = [
             AddAction(f.path, f.size, f.partition_values, now_ms, True, f.stats) for f in files
@@ -525,16 +559,133 @@ class Lake:
                 return entry
         return None
 
+    # ---------------------------------------------------------------- rollback of an incomplete run
+    def rollback(self, name: str, app_id: str, run_id: str) -> dict[str, Any] | None:
+        """Undo the commit an incomplete run (no completion commit) made to table ``name``.
+
+        Its rows go, and rows its commit removed (the old rows of photos it reprocessed) come back. When
+        nothing else committed to the table since, that is a Delta ``restore`` to the version before; otherwise
+        one commit removes the run's rows and re-adds, from the files the run's commit removed (read from the
+        Delta log), the rows of photos that have no rows now and whose ``photos`` row is still the run that
+        wrote them. The commit carries the app id ``<app_id>#rolled-back`` at the rolled-back attempt, so a
+        repeated rollback does nothing and a later attempt of the run may commit. Returns what was done, or
+        None when there was nothing to undo.
+        """
+        table = self.open(name)
+        if table is None:
+            return None
+        attempt = table.transaction_version(app_id)
+        if attempt is None or (table.transaction_version(app_id + ROLLBACK_SUFFIX) or 0) >= attempt:
+            return None
+        version = None
+        for entry in sorted(table.history(), key=lambda e: -int(e["version"])):
+            if entry.get("photolens.app_id") == app_id and entry.get("photolens.attempt", str(attempt)) == str(attempt):
+                version = int(entry["version"])
+                break
+        props = _props(app_id + ROLLBACK_SUFFIX, attempt, {"photolens.rollback_of": app_id,
+                                                            "photolens.run_id": run_id})
+        if version is not None and version == table.version():
+            table.restore(version - 1, commit_properties=props)
+            table.update_incremental()
+            return {"table": name, "attempt": attempt, "how": "restore", "to_version": version - 1,
+                    "version": table.version()}
+        return self._rollback_rows(name, table, run_id, attempt, version, props)
+
+    def _rollback_rows(self, name: str, table: DeltaTable, run_id: str, attempt: int, version: int | None,
+                       props: CommitProperties) -> dict[str, Any]:
+        spec = self.spec(name)
+        now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+        shard = self.meta_uri("staging", run_id, f"rollback-{name}-{uuid.uuid4().hex[:8]}.parquet")
+        fs, shard_path = filesystem_for(shard, self.s3)
+        if not Location.parse(shard).is_s3:
+            fs.create_dir(shard_path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(pa.table({"run_id": pa.array([run_id], pa.string())}), shard_path, filesystem=fs)
+        actions: list[AddAction | RemoveAction] = list(self._rewrite_without(
+            name, table, Replacement("run_id", (shard,), 1, (("run_id", run_id),)), now_ms))
+        restored = self._rows_removed_by(name, table, version) if version is not None else None
+        n_restored = 0
+        if restored is not None and restored.num_rows:
+            ids = pc.unique(restored.column("photo_id"))
+            now = self.read(name, ["photo_id", "run_id"], pc.field("photo_id").isin(ids))
+            still = set(now.filter(pc.not_equal(now.column("run_id"), run_id)).column("photo_id").to_pylist())
+            owners = self.read(COMPLETION_TABLE, ["photo_id", "run_id"], pc.field("photo_id").isin(ids))
+            owner = dict(zip(owners.column("photo_id").to_pylist(), owners.column("run_id").to_pylist(),
+                             strict=True))
+            keep = [pid not in still and owner.get(pid) == rid for pid, rid in
+                    zip(restored.column("photo_id").to_pylist(), restored.column("run_id").to_pylist(), strict=True)]
+            restored = restored.filter(pa.array(keep, pa.bool_()))
+            n_restored = restored.num_rows
+            for f in self.stage(name, restored, f"restore-{run_id}"):
+                actions.append(AddAction(f.path, f.size, f.partition_values, now_ms, True, f.stats))
+        with contextlib.suppress(OSError):
+            fs.delete_file(shard_path)
+        if actions:
+            table.create_write_transaction(actions, mode="append", schema=table.schema(),
+                                           partition_by=list(spec.partition_by) or None, commit_properties=props)
+        else:  # nothing to change, but the rollback must still be recorded
+            write_deltalake(table, spec.schema.empty_table(), mode="append",
+                            partition_by=list(spec.partition_by) or None, commit_properties=props)
+        table.update_incremental()
+        return {"table": name, "attempt": attempt, "how": "rows", "rows_restored": n_restored,
+                "version": table.version()}
+
+    def _rows_removed_by(self, name: str, table: DeltaTable, version: int) -> pa.Table:
+        """The rows of every file that commit ``version`` removed, with their partition columns."""
+        spec = self.spec(name)
+        log_fs, log_path = filesystem_for(join_uri(self.table_uri(name), "_delta_log", f"{version:020d}.json"),
+                                          self.s3)
+        with log_fs.open_input_stream(log_path) as f:
+            entries = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        removes = [e["remove"] for e in entries if "remove" in e]
+        live = set(pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist())
+        fs, root = filesystem_for(self.table_uri(name), self.s3)
+        parts = []
+        for rm in removes:
+            if rm["path"] in live:
+                continue
+            with fs.open_input_file(f"{root}/{rm['path']}") as f:
+                body = pq.read_table(f)
+            for col, value in (rm.get("partitionValues") or {}).items():
+                if col not in body.column_names:
+                    body = body.append_column(col, pa.array([value] * body.num_rows, pa.string()))
+            parts.append(conform(body, spec.schema))
+        return pa.concat_tables(parts) if parts else spec.schema.empty_table()
+
     # ---------------------------------------------------------------- small JSON documents (ledger, receipts)
     def put_json(self, uri: str, doc: Any) -> None:
-        write_bytes_atomic(uri, json.dumps(doc, indent=2, sort_keys=True, default=str).encode(), self.s3)
+        write_bytes_atomic(uri, _dumps(doc), self.s3)
+
+    def put_json_conditional(self, uri: str, doc: Any, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Write only if absent or still at version ``if_match``; returns the new version
+        (:class:`~photolens.lake.storage.PreconditionFailedError` when the condition does not hold)."""
+        return write_conditional(uri, _dumps(doc), self.s3, if_absent=if_absent, if_match=if_match)
 
     def get_json(self, uri: str) -> Any | None:
-        try:
-            return json.loads(read_bytes(uri, self.s3))
-        except (FileNotFoundError, OSError):
-            return None
+        """The document, or None when it does not exist; a store that fails to answer is retried with
+        back-off and then raises :class:`LakeUnavailableError`, never read as "absent"."""
+        found = self.get_json_versioned(uri)
+        return None if found is None else found[0]
 
+    def get_json_versioned(self, uri: str) -> tuple[Any, str] | None:
+        delay, last = READ_BASE_DELAY_S, ""
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                found = read_versioned(uri, self.s3)
+                if found is None:
+                    return None
+                return json.loads(found.data), found.etag
+            except (StorageUnavailableError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                last = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                log.warning("reading %s failed (attempt %d of %d): %s", uri, attempt, READ_ATTEMPTS, last)
+            if attempt < READ_ATTEMPTS:
+                time.sleep(delay)
+                delay *= 2
+        raise LakeUnavailableError(f"cannot read {uri} after {READ_ATTEMPTS} attempts ({last}); stopping rather "
+                                   "than treating it as absent")
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, indent=2, sort_keys=True, default=str).encode()
 
 def _props(app_id: str | None, version: int, custom: dict[str, str] | None) -> CommitProperties:
     meta = dict(custom or {})

@@ -8,6 +8,8 @@ endpoint override (``AWS_ENDPOINT_URL`` or ``PHOTOLENS_S3_ENDPOINT``) points eve
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -191,3 +193,159 @@ def write_bytes_atomic(uri: str, data: bytes, s3: S3Settings | None = None) -> N
 def exists(uri: str, s3: S3Settings | None = None) -> bool:
     fs, path = filesystem_for(uri, s3)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+# ---------------------------------------------------------------------------------------------- conditional I/O
+# Small documents that several drivers may race on (run leases) are read with their version (ETag) and
+# written only if absent (If-None-Match: *) or only if unchanged (If-Match: <etag>). S3 (and S3-compatible
+# stores that honour the headers, SeaweedFS among them) decide the race server-side; local folders get
+# the same contract from link(2) (fails when the name exists) and a compare-then-rename under an flock.
+
+
+class StorageUnavailableError(OSError):
+    """The store answered with neither the object nor its absence (a 5xx, a reset, a timeout)."""
+
+
+class PreconditionFailedError(Exception):
+    """A conditional write lost its race: the object exists (create) or changed since it was read (update)."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    data: bytes
+    etag: str
+
+
+_ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+
+
+def _s3_client(s3: S3Settings | None) -> Any:
+    # One attempt per call: callers retry with their own bound, and a test proxy counts every request.
+    return (s3 or s3_settings()).boto3_client(max_attempts=1, connect_timeout=5, read_timeout=20)
+
+
+def _client_error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code or str(status or "")
+
+
+def read_versioned(uri: str, s3: S3Settings | None = None) -> Versioned | None:
+    """The object and its version, or None when it does not exist. Anything else raises
+    :class:`StorageUnavailableError`: an unreadable object is never reported as absent."""
+    loc = Location.parse(uri)
+    if loc.is_s3:
+        import botocore.exceptions
+
+        try:
+            resp = _s3_client(s3).get_object(Bucket=loc.bucket, Key=loc.path)
+            return Versioned(resp["Body"].read(), str(resp["ETag"]))
+        except botocore.exceptions.ClientError as exc:
+            if _client_error_code(exc) in _ABSENT_CODES:
+                return None
+            raise StorageUnavailableError(f"{uri}: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:  # connection errors, timeouts, bad responses
+            raise StorageUnavailableError(f"{uri}: {exc}") from exc
+    try:
+        data = Path(loc.path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageUnavailableError(f"{uri}: {exc}") from exc
+    return Versioned(data, _local_etag(data))
+
+
+def write_conditional(uri: str, data: bytes, s3: S3Settings | None = None, *, if_absent: bool = False,
+                      if_match: str | None = None) -> str:
+    """Write ``data`` only if the object is absent (``if_absent``) or still at version ``if_match``.
+
+    Returns the new version. Raises :class:`PreconditionFailedError` when the condition does not hold,
+    :class:`StorageUnavailableError` when the store fails to answer.
+    """
+    if if_absent == (if_match is not None):
+        raise ValueError("write_conditional: give exactly one of if_absent=True or if_match=<etag>")
+    loc = Location.parse(uri)
+    if loc.is_s3:
+        import botocore.exceptions
+
+        cond = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match}
+        try:
+            resp = _s3_client(s3).put_object(Bucket=loc.bucket, Key=loc.path, Body=data, **cond)
+            return str(resp["ETag"])
+        except botocore.exceptions.ClientError as exc:
+            if _client_error_code(exc) in _PRECONDITION_CODES:
+                raise PreconditionFailedError(f"{uri}: {'exists' if if_absent else 'changed since read'}") from exc
+            raise StorageUnavailableError(f"{uri}: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StorageUnavailableError(f"{uri}: {exc}") from exc
+    path = Path(loc.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        with _local_lock(path):
+            if if_absent:
+                try:
+                    os.link(tmp, path)  # atomic, and fails if the name exists: readers never see a torn file
+                except FileExistsError:
+                    raise PreconditionFailedError(f"{uri}: exists") from None
+            else:
+                try:
+                    current = _local_etag(path.read_bytes())
+                except FileNotFoundError:
+                    raise PreconditionFailedError(f"{uri}: gone since read") from None
+                if current != if_match:
+                    raise PreconditionFailedError(f"{uri}: changed since read")
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _local_etag(data)
+
+
+def delete_conditional(uri: str, etag: str, s3: S3Settings | None = None) -> None:
+    """Delete the object only if it is still at version ``etag``."""
+    loc = Location.parse(uri)
+    if loc.is_s3:
+        import botocore.exceptions
+
+        try:
+            _s3_client(s3).delete_object(Bucket=loc.bucket, Key=loc.path, IfMatch=etag)
+        except botocore.exceptions.ClientError as exc:
+            if _client_error_code(exc) in _PRECONDITION_CODES:
+                raise PreconditionFailedError(f"{uri}: changed since read") from exc
+            raise StorageUnavailableError(f"{uri}: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StorageUnavailableError(f"{uri}: {exc}") from exc
+        return
+    path = Path(loc.path)
+    with _local_lock(path):
+        try:
+            if _local_etag(path.read_bytes()) != etag:
+                raise PreconditionFailedError(f"{uri}: changed since read")
+        except FileNotFoundError:
+            return
+        path.unlink()
+
+
+def _local_etag(data: bytes) -> str:
+    import hashlib
+
+    return '"' + hashlib.blake2b(data, digest_size=16).hexdigest() + '"'
+
+
+@contextmanager
+def _local_lock(path: Path) -> Iterator[None]:
+    # flock is released by the kernel when its holder dies, so a crashed writer never wedges the document.
+    import fcntl
+
+    with open(path.with_name(f".{path.name}.lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

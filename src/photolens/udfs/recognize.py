@@ -287,6 +287,12 @@ def _run_isolated(fn: Callable[[list[T]], list[R]], items: list[T],
             log.warning("%s: model failed on one photo: %s", stage, _detail(exc), exc_info=True)
             out.append(None)
             failures[k] = _detail(exc)
+    if len(items) >= 2 and len(failures) == len(items):
+        # Every photo failing on its own is the model or its device failing (a broken CUDA context), not bad
+        # data: fail the task, so Ray retries it (on a restarted actor) or fails the run, instead of marking
+        # the whole batch MODEL_FAILED.
+        raise RuntimeError(f"{stage}: all {len(items)} photos of the batch failed one by one (first: "
+                           f"{failures[0]}); treating the actor as broken")
     return out, failures
 
 
