@@ -1,5 +1,6 @@
-"""COCO object detectors: SSD-MobileNet-v2 (TF frozen graph through cv2.dnn, the CPU default) and the
-torchvision detection models loaded from their standard state-dict checkpoints.
+"""COCO object detectors: SSD-MobileNet-v2 (TF frozen graph through cv2.dnn, the reference for the torch
+re-implementation in :mod:`photolens.models.ssd_torch`, which the pipeline runs) and the torchvision
+detection models loaded from their standard state-dict checkpoints.
 
 Both take a batch of decoded RGB uint8 images and return one :class:`Detections` per image, with
 boxes normalised to the image size (so rows stay valid whatever size the decode stage produced),
@@ -172,7 +173,10 @@ class SsdConfig:
 
 
 class SsdMobileNetCoco:
-    """SSD-MobileNet-v2 COCO (TF Object Detection API, 2018_03_29) run by OpenCV's dnn module on CPU."""
+    """SSD-MobileNet-v2 COCO (TF Object Detection API, 2018_03_29) run by OpenCV's dnn module on CPU.
+
+    :class:`photolens.models.ssd_torch.TorchSsdMobileNetCoco` is the same model in torch (batched, any
+    device); this one stays as its reference."""
 
     name = "ssd_mobilenet_v2_coco"
 

@@ -125,6 +125,14 @@ class DetectConfig(_StageConfig):
     nms_iou: float = 0.5
     max_detections: int = 100
     batch_size: int = 16
+    # How the SSD graph runs: "torch" (photolens.models.ssd_torch: batched, any device) or "cv2"
+    # (OpenCV's dnn module on CPU, the reference it is tested against).
+    engine: str = "torch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.engine not in ("torch", "cv2"):
+            raise ValueError(f"detector engine must be 'torch' or 'cv2', got {self.engine!r}")
 
 
 @dataclass(frozen=True)
@@ -394,7 +402,15 @@ class DetectUDF(_ModelUDF):
         else:
             graph = _file(store, entry, (".pb",), "TensorFlow graph")
             pbtxt = _file(store, entry, (".pbtxt",), "graph config")
-            self.detector = SsdMobileNetCoco(graph, pbtxt, SsdConfig(postprocess=post), version=entry.version)
+            if config.engine == "cv2":
+                self.detector = SsdMobileNetCoco(graph, pbtxt, SsdConfig(postprocess=post), version=entry.version)
+            else:
+                from photolens.models.ssd_torch import TorchSsdConfig, TorchSsdMobileNetCoco
+
+                ssd_cfg = TorchSsdConfig(postprocess=post, bf16=config.bf16 and config.device.startswith("cuda"),
+                                         channels_last=config.channels_last)
+                self.detector = TorchSsdMobileNetCoco(graph, pbtxt, ssd_cfg, device=config.device,
+                                                      version=entry.version)
         self.tag = f"{self.detector.name}@{self.detector.version}"
         self.tree = CategoryTree.load()
         missing = sorted({c for c in COCO_LABELS_91 if c not in ("__background__", "N/A") and c not in self.tree})
