@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from realdata import packaged_weight
+from realdata import packaged_weight, split_files
 
 from photolens.models.landmark import (
     LandmarkEmbedder,
@@ -213,3 +213,21 @@ def test_gpu_matches_cpu(embedder: LandmarkEmbedder, photos: dict[str, np.ndarra
     names = [n for pair in PAIRS for n in pair]
     gpu = LandmarkEmbedder.from_mobilenet_v2(_weights(), device="cuda").embed([photos[n] for n in names])
     np.testing.assert_allclose(gpu, np.stack([embeddings[n] for n in names]), atol=2e-3)
+
+
+def test_default_threshold_on_the_evaluation_photos(embedder: LandmarkEmbedder, photos: dict[str, np.ndarray],
+                                                    embeddings: dict[str, np.ndarray]) -> None:
+    """The default threshold was fitted (tools/calibrate.py) on the calibration photos only; here, on the
+    evaluation photos: the second view of each place matches the first, every unrelated photo is rejected."""
+    evaluation = set(split_files("photos", "evaluation"))
+    pairs = [(a, b) for a, b in (("basketball1.png", "basketball2.png"), ("graf1.png", "graf3.png"))
+             if a in evaluation and b in evaluation]
+    assert len(pairs) == 2
+    refs = build_references({a: [photos[a]] for a, _ in pairs}, embedder)
+    assert refs.threshold == embedder.config.threshold
+    assert [refs.match(embeddings[b])[0] for _, b in pairs] == [a for a, _ in pairs]
+    in_pairs = {n for pair in pairs for n in pair}
+    unrelated = sorted(evaluation - in_pairs)
+    assert len(unrelated) >= 10
+    matched = {n: refs.match(embeddings[n]) for n in unrelated}
+    assert all(lid is None for lid, _ in matched.values()), (refs.threshold, matched)

@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from photolens.models.scene import check_images, load_mobilenet_v2, normalize_imagenet
+from photolens.schemas.calibration import load_calibration
 
 REFERENCES_FORMAT = 1
 
@@ -53,12 +54,10 @@ class LandmarkConfig:
     pooling: str = "gem"  # "gem" or "max"
     gem_p: float = 1.0  # 1 = average pooling (the measured best, see the module docstring)
     batch_size: int = 32
-    # Reject threshold on cosine similarity when references are built without calibration. On the
-    # test photos (tests/test_landmark.py) the second view of leuven/graf/aero scores 0.81-0.85 against
-    # the reference from the first, unrelated photos at most 0.42 (home.jpg, another ornate facade,
-    # vs leuven); any photo vs any other unrelated photo at most 0.59 (apple vs orange). Calibrate on
-    # a real gallery with calibrate_threshold.
-    threshold: float = 0.7
+    # Reject threshold on cosine similarity when references are built without calibration: fitted by
+    # tools/calibrate.py on the calibration photos (same-place pairs vs all other pairs, balanced
+    # accuracy) and read from schemas/calibration.json. Calibrate on a real gallery with calibrate_threshold.
+    threshold: float = field(default_factory=lambda: float(load_calibration()["landmark"]["threshold"]))
     channels_last: bool = False  # GPU option
     bf16: bool = False  # GPU option: autocast to bfloat16
 

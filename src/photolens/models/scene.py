@@ -30,6 +30,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights
 from torchvision.transforms.v2 import functional as TF
 
+from photolens.schemas.calibration import load_calibration
 from photolens.schemas.scenes import SceneMapping, load_scene_mapping, places_fine_label
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,13 +48,28 @@ class SceneCheckpointError(ValueError):
     """A weight or categories file that cannot be read or does not fit the architecture."""
 
 
+# Used only for a model tools/calibrate.py has not calibrated (a Places365 checkpoint added to the store):
+# such a model names a scene from this coarse probability on, with no measured accuracy behind it.
+UNCALIBRATED_MIN_COARSE_SCORE = 0.2
+
+
+def calibrated_min_coarse_score(model_name: str) -> float | None:
+    """The abstention threshold tools/calibrate.py fitted for this scene model, or None."""
+    entry = load_calibration().get("scene", {}).get(model_name)
+    return None if entry is None else float(entry["min_coarse_score"])
+
+
 @dataclass(frozen=True)
 class SceneConfig:
     top_k: int = 5
     batch_size: int = 64
-    # The coarse label is reported only when its summed probability reaches this; below it the photo
-    # gets no coarse scene (object close-ups put most ImageNet mass on non-scene classes).
-    min_coarse_score: float = 0.2
+    # The photo gets a scene only when the best coarse label's summed probability reaches the larger of
+    # this floor and ``abstain_below``; otherwise the classifier abstains (no coarse label, no fine labels)
+    # rather than name a wrong place: object close-ups put most ImageNet mass on classes that are no scene.
+    min_coarse_score: float = 0.0
+    # None: the model's threshold fitted by tools/calibrate.py on the calibration photos (calibration.json),
+    # or UNCALIBRATED_MIN_COARSE_SCORE for a model without one.
+    abstain_below: float | None = None
     channels_last: bool = False  # GPU option
     bf16: bool = False  # GPU option: autocast to bfloat16
 
@@ -62,15 +78,18 @@ class SceneConfig:
             raise ValueError("top_k and batch_size must be >= 1")
         if not 0.0 <= self.min_coarse_score <= 1.0:
             raise ValueError("min_coarse_score must be in [0, 1]")
+        if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
+            raise ValueError("abstain_below must be in [0, 1]")
 
 
 @dataclass(frozen=True)
 class SceneResult:
-    labels: tuple[str, ...]  # top-k fine scene labels, best first
+    # Top-k fine labels under coarse_label, best first; empty when the classifier abstains.
+    labels: tuple[str, ...]
     scores: tuple[float, ...]  # their probabilities (sums over the model classes with that label)
     coarse: Mapping[str, float]  # coarse label -> probability, best first, labels with mass only
-    coarse_label: str | None  # best coarse label, None when below SceneConfig.min_coarse_score
-    coarse_score: float  # probability of the best coarse label (also when below the threshold)
+    coarse_label: str | None  # best coarse label, None when the classifier abstains
+    coarse_score: float  # probability of the best coarse label (also when the classifier abstains)
     none: float  # probability mass on model classes that map to no scene
     top_classes: tuple[tuple[str, float], ...]  # the model's own top-k classes, for audits
 
@@ -244,6 +263,11 @@ class SceneClassifier:
         self._class_fine = _indicator(class_to_fine, self.fine_labels).to(self.device)
         self._fine_coarse = _indicator([self.mapping.fine_to_coarse[f] for f in self.fine_labels],
                                        self.coarse_labels).to(self.device)
+        calibrated = calibrated_min_coarse_score(name)
+        self.calibrated = self.config.abstain_below is not None or calibrated is not None
+        abstain = self.config.abstain_below if self.config.abstain_below is not None else calibrated
+        self.threshold = max(self.config.min_coarse_score,
+                             UNCALIBRATED_MIN_COARSE_SCORE if abstain is None else abstain)
         model = model.to(self.device).eval()
         if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -322,24 +346,27 @@ class SceneClassifier:
         fine = probs @ self._class_fine
         coarse = fine @ self._fine_coarse
         none = (1.0 - fine.sum(dim=1)).clamp(min=0.0)
-        k_fine = min(self.config.top_k, len(self.fine_labels))
         k_cls = min(self.config.top_k, probs.shape[1])
-        fine_p, fine_i = fine.topk(k_fine, dim=1)
+        fine_p, fine_i = fine.sort(dim=1, descending=True)
         cls_p, cls_i = probs.topk(k_cls, dim=1)
         order_p, order_i = coarse.sort(dim=1, descending=True)
         rows = []
         fp, fi, cp, ci = fine_p.cpu().tolist(), fine_i.cpu().tolist(), cls_p.cpu().tolist(), cls_i.cpu().tolist()
         op, oi, nones = order_p.cpu().tolist(), order_i.cpu().tolist(), none.cpu().tolist()
+        coarse_of = self.mapping.fine_to_coarse
         for r in range(probs.shape[0]):
-            labels = tuple(self.fine_labels[j] for j, p in zip(fi[r], fp[r], strict=True) if p > 0.0)
-            scores = tuple(float(p) for p in fp[r] if p > 0.0)
             dist = {self.coarse_labels[j]: float(p) for j, p in zip(oi[r], op[r], strict=True) if p > 0.0}
             best, best_p = (next(iter(dist.items())) if dist else (None, 0.0))
+            named = best if best is not None and best_p >= self.threshold else None
+            # Fine labels only of the scene named: the others are where the photo was not.
+            under = [(self.fine_labels[j], float(p)) for j, p in zip(fi[r], fp[r], strict=True)
+                     if p > 0.0 and named is not None and coarse_of[self.fine_labels[j]] == named]
+            under = under[: self.config.top_k]
             rows.append(SceneResult(
-                labels=labels,
-                scores=scores,
+                labels=tuple(f for f, _ in under),
+                scores=tuple(p for _, p in under),
                 coarse=dist,
-                coarse_label=best if best_p >= self.config.min_coarse_score else None,
+                coarse_label=named,
                 coarse_score=best_p,
                 none=float(nones[r]),
                 top_classes=tuple((self.class_names[j], float(p)) for j, p in zip(ci[r], cp[r], strict=True)),
