@@ -32,6 +32,8 @@ from photolens.udfs.recognize import (
     FacesUDF,
     LandmarkStageConfig,
     LandmarkUDF,
+    RecognizeConfig,
+    RecognizeUDF,
     SceneStageConfig,
     SceneUDF,
     required_models,
@@ -451,3 +453,110 @@ def test_tag_job_with_every_stage(tmp_path: Path, local_ray: None) -> None:
         assert len(r["emotion_probs"]) == 7 and abs(sum(r["emotion_probs"]) - 1.0) < 1e-4
         assert r["emotion"] in EMOTIONS and r["passed_gate"] is True
     assert lake.table_uri("faces").startswith(str(tmp_path / "lake" / "restricted"))
+
+
+# ---------------------------------------------------------------------------------------------- fused
+
+
+def _same_outputs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert set(a) == set(b)
+    for col, values in a.items():
+        if col.endswith("_seconds"):
+            assert values.dtype == b[col].dtype == np.float32
+            continue
+        for i, (x, y) in enumerate(zip(values, b[col], strict=True)):
+            if isinstance(x, np.ndarray) or (isinstance(x, list) and x and isinstance(x[0], float)):
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{col}[{i}]")
+            elif isinstance(x, float | np.floating) and np.isnan(x):
+                assert np.isnan(y), f"{col}[{i}]"
+            else:
+                assert x == y, f"{col}[{i}]: {x!r} != {y!r}"
+
+
+FUSED_STAGES = ("detect", "scene", "faces")
+
+
+@pytest.fixture(scope="module")
+def fused(store_uri: str) -> RecognizeUDF:
+    return RecognizeUDF(RecognizeConfig(stages=FUSED_STAGES, model_store=store_uri, batch_size=2))
+
+
+def test_fused_stage_matches_the_stage_chain(fused: RecognizeUDF, store_uri: str,
+                                             batch: dict[str, np.ndarray]) -> None:
+    assert [type(s) for s in fused.stages] == [DetectUDF, SceneUDF, FacesUDF, EmbedUDF, EmotionUDF]
+    # batch_size reaches the photo-level stages only; the chip-level ones keep their larger defaults
+    assert [s.config.batch_size for s in fused.stages] == [2, 2, 2, 64, 512]
+    out = fused(batch)
+    chained = dict(batch)
+    for cls, cfg in stage_udfs(list(FUSED_STAGES), store_uri, "cpu", None, batch_size=2):
+        chained = cls(cfg)(chained)
+    _same_outputs(out, chained)
+    assert "image" not in out and "face_chips" not in out
+    assert {f"{s}_seconds" for s in ("detect", "scene", "faces", "embed", "emotion")} <= set(out)
+    assert {"dog", "bicycle"} <= {d["category"] for d in _categories(out, 0)}
+    assert len(json.loads(out["faces_json"][3])) == 2 and out["face_embeddings"][3].shape == (2, 128)
+    assert fused.tags["detect"] == out["model_detect"][0]
+    _assert_untouched(batch, out, 1)
+
+
+def test_fused_stage_isolates_a_failing_photo(fused: RecognizeUDF, batch: dict[str, np.ndarray],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    detect = fused.stages[0]
+    couple_shape = batch["image"][3].shape
+    real = detect.detector.detect
+
+    def flaky(images: list[np.ndarray]) -> list[Any]:
+        if any(img.shape == couple_shape for img in images):
+            raise RuntimeError("injected: device error on this photo")
+        return real(images)
+
+    monkeypatch.setattr(detect.detector, "detect", flaky)
+    out = fused(batch)
+    assert list(out["status"]) == ["ok", "error", "ok", "error"]
+    assert (out["error_code"][3], out["error_stage"][3]) == ("MODEL_FAILED", "detect")
+    # the stages after the failure leave that photo alone; the others carry on
+    assert out["faces_json"][3] is None and out["face_embeddings"][3].shape == (0, 128)
+    assert out["scene_labels"][3] is None and out["model_faces"][3] is None
+    assert out["model_faces"][0].startswith("mtcnn@") and out["scene_coarse"][2] == "beach"
+    assert json.loads(out["faces_json"][0]) == [] and {"kite"} <= {d["category"] for d in _categories(out, 2)}
+    assert out["error_code"][1] == "TRUNCATED"
+
+
+def test_fused_stage_configuration_fails_on_the_driver(store_uri: str) -> None:
+    with pytest.raises(ValueError, match="unknown model stage"):
+        RecognizeConfig(stages=("decode", "faces"))
+    with pytest.raises(ValueError, match="at least one"):
+        RecognizeConfig(stages=())
+    with pytest.raises(ValueError, match="batch_size"):
+        RecognizeConfig(stages=("faces",), batch_size=0)
+    with pytest.raises(ModelStoreError):
+        RecognizeUDF(RecognizeConfig(stages=("scene",), model_store=store_uri + "-missing"))
+
+
+def test_fused_stage_decodes_deferred_jpegs(store_uri: str,
+                                            faces_chain: tuple[FacesUDF, EmbedUDF, EmotionUDF]) -> None:
+    """The GPU-decode seam on device=cpu: header-mode decode defers the JPEGs, the fused stage decodes
+    them and gets the same working images (so the same model outputs) as the CPU decode stage."""
+    import dataclasses
+
+    pytest.importorskip("photolens.udfs.gpudecode")
+    if "pixels" not in {f.name for f in dataclasses.fields(DecodeConfig)}:
+        pytest.skip("this build's decode stage has no header mode")
+    names = ["couple.jpg", "dog.jpg", BROKEN]
+    pixel = decoded_batch(names)
+    _require_data()
+    header_in = {k: v for k, v in pixel.items() if k in ("photo_id", "user_id", "uri")}
+    data = np.empty(len(names), dtype=object)
+    data[:] = [COUPLE.read_bytes(), SOURCES["dog.jpg"].read_bytes(), SOURCES["dog.jpg"].read_bytes()[:5000]]
+    header = DecodeUDF(DecodeConfig(pixels=False))({**header_in, "data": data})
+    assert header["jpeg"][0] is not None and header["image"][0].size == 0  # deferred to the device
+
+    on_device = RecognizeUDF(RecognizeConfig(stages=("faces",), model_store=store_uri, gpu_decode=True))(header)
+    plain = faces_chain[2](faces_chain[1](faces_chain[0](pixel)))
+    assert list(on_device["status"]) == list(plain["status"]) == ["ok", "ok", "error"]
+    assert "jpeg" not in on_device and "image" not in on_device
+    assert on_device["phash"][0] is not None and on_device["decode_seconds"][0] > 0
+    faces_dev, faces_cpu = json.loads(on_device["faces_json"][0]), json.loads(plain["faces_json"][0])
+    assert len(faces_dev) == len(faces_cpu) == 2
+    for a, b in zip(faces_dev, faces_cpu, strict=True):
+        np.testing.assert_allclose(a["box"], b["box"], atol=3.0)  # decoders may differ by a few grey levels

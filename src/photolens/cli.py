@@ -47,6 +47,14 @@ def _add_tag_args(p: argparse.ArgumentParser) -> None:
                    help="photos per staged output file (default: from --target-file-mib)")
     p.add_argument("--target-file-mib", dest="target_file_mib", type=float,
                    help="target size of output Parquet files in MiB (default 128)")
+    p.add_argument("--model-batch-size", dest="model_batch_size", type=int,
+                   help="photos per model-stage call and forward pass (default: 64 on GPU, --batch-size on CPU)")
+    p.add_argument("--model-pools", dest="model_pools", choices=["auto", "fused", "separate"],
+                   help="CPU runs: all model stages in one actor pool (fused, the default) or one pool each")
+    p.add_argument("--num-gpus-node", dest="num_gpus_node", type=float,
+                   help="GPUs a local Ray declares (default: torch.cuda.device_count())")
+    p.add_argument("--gpu-decode", dest="gpu_decode", action="store_const", const=True,
+                   help="decode JPEGs on the model actors' device (the CPU decode stage only validates them)")
     p.add_argument("--fetch-attempts", dest="fetch_attempts", type=int, help="attempts per photo read (default 5)")
     p.add_argument("--lease-seconds", dest="lease_seconds", type=float,
                    help="the run's lease: a driver not heard from this long is gone and its run may be taken "
@@ -169,7 +177,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from photolens.models.store import ModelStore, default_store_uri
 
-    store = ModelStore(args.store or default_store_uri())
+    # install/add fill the store themselves; list/verify of the built-in store fill it on first use.
+    store = ModelStore(args.store or default_store_uri(fill=args.models_cmd in ("list", "verify")))
     if args.models_cmd == "install":
         for e in store.install():
             print(f"installed {e.tag:<50} {e.role:<12} {e.licence:<13} {sum(f.size for f in e.files):>11,} bytes")

@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any, Final, get_args
-
-from photolens.faceindex.cluster import DEFAULT_EUCLIDEAN_THRESHOLD, DEFAULT_RANK_ORDER_K, LinkageMethod
+from typing import Any, Final
 
 __all__ = ["PROFILE_SOURCES", "SEED000_LINKAGES", "LazyHandler", "register", "register_eval", "register_landmarks"]
 
@@ -20,6 +18,12 @@ __all__ = ["PROFILE_SOURCES", "SEED000_LINKAGES", "LazyHandler", "register", "re
 PROFILE_SOURCES: Final = ("manifest", "pattern")
 # The linkages of seed 000's clustering table (eval clustering's default rows).
 SEED000_LINKAGES: Final[tuple[str, ...]] = ("single", "average", "complete", "weighted", "median")
+# Defaults owned by heavier modules (numpy, torch), repeated here so that parsing imports none of them;
+# tests/test_cli_help.py checks that each still equals its source.
+LINKAGES: Final[tuple[str, ...]] = ("single", "average", "complete", "weighted", "median", "centroid", "ward")
+DEFAULT_EUCLIDEAN_THRESHOLD: Final = 0.4  # faceindex.cluster.DEFAULT_EUCLIDEAN_THRESHOLD
+DEFAULT_RANK_ORDER_K: Final = 20  # faceindex.cluster.DEFAULT_RANK_ORDER_K
+DEFAULT_DETECTOR: Final = "ssd_mobilenet_v2_coco"  # udfs.recognize.DEFAULT_MODELS["detect"]
 _STORE_HELP: Final = "model store (default $PHOTOLENS_MODEL_STORE or ~/.cache/photolens/models)"
 
 
@@ -49,7 +53,7 @@ def _lake_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add ``templates``, ``people``, ``index``, ``suggest``, ``forget`` and ``friends`` to the CLI's sub-parsers."""
-    linkages = list(get_args(LinkageMethod))
+    linkages = list(LINKAGES)
     templates = sub.add_parser("templates", help="per-user owner templates").add_subparsers(
         dest="templates_cmd", required=True)
     p = templates.add_parser("build", help="rebuild every user's template from their profile photos' faces")
@@ -152,8 +156,7 @@ def register_eval(sub: Any, extra_eval: Sequence[Callable[[Any], None]] = ()) ->
     p.add_argument("--annotations", required=True, help="COCO ground truth JSON (images, annotations, categories)")
     p.add_argument("--images", required=True, help="folder holding the images' file_name entries")
     p.add_argument("--store", help=_STORE_HELP)
-    # The tagging job's detector (udfs.recognize.DEFAULT_MODELS["detect"], too heavy to import here).
-    p.add_argument("--model", default="ssd_mobilenet_v2_coco", help="detector name in the model store")
+    p.add_argument("--model", default=DEFAULT_DETECTOR, help="detector name in the model store")
     p.add_argument("--arch", help="torchvision architecture of --model when it is a torchvision checkpoint")
     p.add_argument("--score-threshold", dest="score_threshold", type=float, default=0.05,
                    help="keep predictions at or above this score (low: complete PR curves)")
@@ -165,7 +168,7 @@ def register_eval(sub: Any, extra_eval: Sequence[Callable[[Any], None]] = ()) ->
     p.add_argument("--faces-dir", dest="faces_dir", required=True, help="folder with the labelled photos")
     p.add_argument("--pairs", action="append", required=True,
                    help="CSV file_x,file_y,Decision; identities = connected 'Yes' pairs (repeatable)")
-    p.add_argument("--linkage", action="append", choices=list(get_args(LinkageMethod)),
+    p.add_argument("--linkage", action="append", choices=list(LINKAGES),
                    help=f"repeatable; default {', '.join(SEED000_LINKAGES)}")
     p.add_argument("--threshold", type=float, help="cut height (default: the distance's own default)")
     p.add_argument("--rank-order", dest="rank_order", action="store_true", help="also rank-order distance rows")

@@ -13,7 +13,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -33,6 +32,7 @@ from photolens.jobs._faceshared import (
 from photolens.jobs.index import CODEC_FILE, IndexBuildConfig, build_face_index
 from photolens.jobs.tag import ConfigError
 from photolens.lake.delta import Lake
+from photolens.lake.rewrite import plain_strings, rewrite_rows
 from photolens.lake.storage import filesystem_for, join_uri
 
 __all__ = ["FORGET_APP", "RECEIPT_FORMAT", "ForgetConfig", "cmd_forget", "forget_user"]
@@ -107,20 +107,6 @@ def _in_flight_runs(lake: Lake) -> list[str]:
     return sorted(runs)
 
 
-def _plain_strings(table: pa.Table) -> pa.Table:
-    """``string_view`` columns (delta-rs writes them when it rewrites files) cast back to ``string``."""
-
-    def plain(t: pa.DataType) -> pa.DataType:
-        if pa.types.is_string_view(t) or pa.types.is_large_string(t):
-            return pa.string()
-        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
-            return pa.list_(plain(t.value_type))
-        return t
-
-    target = pa.schema([f.with_type(plain(f.type)) for f in table.schema], metadata=table.schema.metadata)
-    return table if target.equals(table.schema) else table.cast(target)
-
-
 def _user_mask(body: pa.Table, user: str, face_ids: set[str]) -> np.ndarray:
     """Rows of ``body`` (plain strings) that name the user, or hold one of ``face_ids``."""
     mask = np.zeros(body.num_rows, dtype=bool)
@@ -142,42 +128,11 @@ def _user_mask(body: pa.Table, user: str, face_ids: set[str]) -> np.ndarray:
 
 
 def _delete_rows(lake: Lake, uri: str, table: DeltaTable, user: str, face_ids: set[str]) -> int:
-    """Delete the user's rows in one Delta commit: each file holding some is removed and its other rows
-    re-added as a new file (pyarrow, plain string types). Returns the rows deleted."""
-    from deltalake.transaction import AddAction, RemoveAction
-
-    from photolens.lake.delta import file_stats
-
-    fs, root = filesystem_for(uri, lake.s3)
-    partition_by = list(table.metadata().partition_columns)
-    now_ms = int(now_utc().timestamp() * 1000)
-    actions: list[AddAction | RemoveAction] = []
-    deleted = 0
-    for add in pa.table(table.get_add_actions(flatten=True)).to_pylist():
-        path = add["path"]
-        with fs.open_input_file(f"{root}/{path}") as f:
-            body = _plain_strings(pq.read_table(f))
-        hit = _user_mask(body, user, face_ids)
-        if not hit.any():
-            continue
-        deleted += int(hit.sum())
-        parts = {k.removeprefix("partition."): None if v is None else str(v)
-                 for k, v in add.items() if k.startswith("partition.")}
-        actions.append(RemoveAction(path, True, now_ms, add["size_bytes"], parts))
-        keep = body.filter(pa.array(~hit))
-        if keep.num_rows:
-            folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
-            rel = f"{folder}part-forget-{uuid.uuid4().hex[:12]}.parquet"
-            with fs.open_output_stream(f"{root}/{rel}") as f:
-                pq.write_table(keep, f, compression="zstd")
-            size = fs.get_file_info(f"{root}/{rel}").size
-            actions.append(AddAction(rel, size, parts, now_ms, True, file_stats(keep, skip=tuple(partition_by))))
-    if actions:
-        table.create_write_transaction(actions, mode="append", schema=table.schema(),
-                                       partition_by=partition_by or None,
-                                       commit_properties=commit_props(None, {"photolens.job": "forget"}))
-        table.update_incremental()
-    return deleted
+    """Delete the user's rows in one Delta commit (files holding some rewritten without them); returns the
+    rows deleted."""
+    result = rewrite_rows(table, uri, lambda body: _user_mask(body, user, face_ids), s3=lake.s3, tag="forget",
+                          custom_metadata={"photolens.job": "forget"})
+    return result.rows_removed
 
 
 def _scrub_unreferenced(lake: Lake, uri: str, table: DeltaTable, user: str, face_ids: set[str],
@@ -201,7 +156,7 @@ def _scrub_unreferenced(lake: Lake, uri: str, table: DeltaTable, user: str, face
         if join_uri(uri, rel) in referenced or rel in referenced:
             continue
         with fs.open_input_file(info.path) as f:
-            body = _plain_strings(pq.read_table(f))
+            body = plain_strings(pq.read_table(f))
         if not _user_mask(body, user, face_ids).any():
             continue
         if any(f"part-{run}-" in info.base_name for run in in_flight):

@@ -21,6 +21,7 @@ from typing import Any, Final, get_args
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake.transaction import AddAction
 
 from photolens.faceindex.cluster import (
     DEFAULT_EUCLIDEAN_THRESHOLD,
@@ -31,15 +32,11 @@ from photolens.faceindex.cluster import (
     cluster_faces,
 )
 from photolens.faceindex.metrics import clustering_scores
-from photolens.jobs._faceshared import (
-    check_run_id,
-    embedding_matrix,
-    new_run_id,
-    print_json,
-)
+from photolens.jobs._faceshared import check_run_id, embedding_matrix, new_run_id, now_utc, print_json
 from photolens.jobs.commands import SEED000_LINKAGES
 from photolens.jobs.tag import ConfigError
 from photolens.lake.delta import Lake
+from photolens.lake.rewrite import ColumnIn, rewrite_rows
 from photolens.schemas.tables import PEOPLE, conform
 
 __all__ = [
@@ -127,11 +124,15 @@ def cluster_people(cfg: PeopleConfig) -> dict[str, Any]:
     })
     data = conform(data, PEOPLE)
     # Replace exactly this user's rows in one commit (new file added, the user's old rows rewritten
-    # away by pyarrow): readers never see the gallery half-done. Not delta-rs' delete/overwrite-where,
-    # whose rewritten files come back as string_view columns that pyarrow dataset filters refuse.
-    staged = lake.stage("people", data, tag=f"people-{run_id}")
-    lake.commit_staged("people", staged, PEOPLE_APP + run_id, 1, {"photolens.run_id": run_id},
-                       replace=("user_id", [cfg.user]))
+    # away): readers never see the gallery half-done. A run id that committed commits nothing again.
+    app_id = PEOPLE_APP + run_id
+    table = lake.ensure("people")
+    if (table.transaction_version(app_id) or 0) < 1:
+        now_ms = int(now_utc().timestamp() * 1000)
+        adds = [AddAction(f.path, f.size, f.partition_values, now_ms, True, f.stats)
+                for f in lake.stage("people", data, tag=f"people-{run_id}")]
+        rewrite_rows(table, lake.table_uri("people"), ColumnIn("user_id", [cfg.user]), s3=lake.s3, adds=adds,
+                     app_id=app_id, custom_metadata={"photolens.run_id": run_id}, tag=f"people-{run_id}")
     # A cannot-link check on what is written, cheap and independent of the clustering code.
     violations = 0
     for person in range(len(sizes)):

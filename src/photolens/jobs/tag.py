@@ -74,6 +74,13 @@ class TagConfig:
     decode_num_cpus: float = 1.0
     model_num_cpus: float = 1.0
     batch_size: int = 16
+    # Photos per call of the model stages (and per forward pass of the photo-level models), independent of
+    # the fetch/decode batch; None: 64 on GPUs, batch_size on CPUs.
+    model_batch_size: int | None = None
+    # "auto"/"fused": all model stages in one actor pool (always so on GPUs); "separate": a pool per stage.
+    model_pools: str = "auto"
+    num_gpus_node: float | None = None  # GPUs a local Ray declares; None: torch.cuda.device_count()
+    gpu_decode: bool = False  # decode JPEGs in the model actor on its device (photolens.udfs.gpudecode)
     decode_working_size: int = 1024
     max_bytes: int = 50 << 20
     decode_time_limit_s: float = 10.0
@@ -95,6 +102,7 @@ class TagConfig:
     bf16: bool = False
     channels_last: bool = False
     progress: bool = True
+    progress_interval_s: float = 30.0  # seconds between progress lines when stderr is not a terminal
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # a driver silent this long has lost its run
     max_error_rate: float = 0.5  # MODEL_FAILED share of the photos reaching the model stages; above it, no commit
     fault: str | None = None  # test hook: "crash_after_batches=N" | "crash_before_commit=<table>" | ...
@@ -130,6 +138,18 @@ class TagConfig:
             problems.append(f"--lease-seconds must be >= {MIN_LEASE_SECONDS:g}, got {self.lease_seconds:g}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             problems.append(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate:g}")
+        if self.model_batch_size is not None and self.model_batch_size < 1:
+            problems.append(f"--model-batch-size must be >= 1, got {self.model_batch_size}")
+        if self.model_pools not in MODEL_POOLS:
+            problems.append(f"--model-pools must be one of {MODEL_POOLS}, got {self.model_pools!r}")
+        if self.num_gpus_node is not None and (self.num_gpus_node < 0 or self.num_gpus_node < self.num_gpus):
+            problems.append(f"--num-gpus-node {self.num_gpus_node:g} must be >= 0 and hold one model actor's "
+                            f"--num-gpus {self.num_gpus:g}")
+        if self.progress_interval_s <= 0:
+            problems.append(f"progress_interval_s must be positive, got {self.progress_interval_s}")
+        if self.gpu_decode and not _decode_has_header_mode():
+            problems.append("--gpu-decode needs the decode stage's header mode (DecodeConfig.pixels), which this "
+                            "build lacks: leave --gpu-decode off")
         if self.privacy not in ("face_passed_gate", "any_face", "never"):
             problems.append(f"privacy must be face_passed_gate|any_face|never, got {self.privacy!r}")
         if self.run_id is not None and (not self.run_id or "/" in self.run_id or "'" in self.run_id):
@@ -323,6 +343,182 @@ def _crash(reason: str) -> None:
     os._exit(137)
 
 
+# Measured actor memory (USS, MiB) per actor type: each UDF in its own Ray actor on this project's 2-core
+# development machine (Python 3.11, torch 2.14 CPU, Ray 2.60), after two batches of 16 real photos at
+# working size 1024 (``bench/bench_pipeline.py --actor-memory``). The model entries are what each model
+# adds to a worker that has imported torch ("model_base"). Requests are these plus a per-photo term for
+# the batch in flight, plus 25 % (Ray Data's issue detector warns below 1.25x the observed peak).
+ACTOR_MEMORY_MIB: dict[str, float] = {
+    "fetch": 0.0,
+    "decode": 0.0,
+    "write": 0.0,
+    "model_base": 0.0,
+    "detect": 0.0,
+    "scene": 0.0,
+    "landmark": 0.0,
+    "faces": 0.0,
+    "embed": 0.0,
+    "emotion": 0.0,
+}
+# Working images and model activations per photo of a model batch (1024 px RGB is 3 MiB; MTCNN's pyramid
+# and the detectors' float copies are a few times that), and per photo of a fetch/decode batch.
+MODEL_MIB_PER_PHOTO = 0.0
+CPU_MIB_PER_PHOTO = 0.0
+# A CUDA context and the GPU kernels' host-side libraries: not measurable on the CPU-only development
+# machine; torch's own figure for a context on recent GPUs is 0.5-1.5 GiB of host memory.
+CUDA_CONTEXT_MIB = 1536.0
+_MEMORY_HEADROOM = 1.25
+MODEL_POOLS = ("auto", "fused", "separate")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One actor pool of the pipeline: its size bounds and what each actor requests from Ray."""
+
+    min_size: int
+    max_size: int
+    num_cpus: float
+    num_gpus: float = 0.0
+    memory: int = 0  # bytes
+
+    def remote_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            args["num_gpus"] = self.num_gpus
+        if self.memory:
+            args["memory"] = self.memory
+        return args
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """The pools ``build_dataset`` creates, in pipeline order, and how the model stages are grouped."""
+
+    pools: dict[str, PoolSpec]
+    fused: bool
+    model_units: tuple[str, ...]  # "models" (fused), or one entry per model UDF
+    model_batch_size: int
+    device: str
+    notes: tuple[str, ...] = ()
+
+
+def model_units(model_stages: list[str]) -> list[str]:
+    """The UDFs the model stages become when each runs its own pool ("faces" is three)."""
+    units: list[str] = []
+    for stage in model_stages:
+        units += ["faces", "embed", "emotion"] if stage == "faces" else [stage]
+    return units
+
+
+def resolve_model_batch_size(cfg: TagConfig) -> int:
+    if cfg.model_batch_size is not None:
+        return cfg.model_batch_size
+    # A GPU wants big forward passes; on CPUs a bigger batch only delays the first rows.
+    return max(64, cfg.batch_size) if cfg.num_gpus > 0 else cfg.batch_size
+
+
+def _mib(value: float) -> int:
+    return int(value * (1 << 20))
+
+
+def actor_memory(unit: str, batch_size: int, on_gpu: bool = False) -> int:
+    """Memory request (bytes) of one actor of ``unit`` ("fetch", "decode", "write", "models:<stages>"
+    for a fused pool, or a model UDF's name)."""
+    m = ACTOR_MEMORY_MIB
+    if unit in ("fetch", "decode", "write"):
+        mib = m[unit] + CPU_MIB_PER_PHOTO * batch_size
+    else:
+        stages = unit.removeprefix("models:").split("+") if unit.startswith("models:") else [unit]
+        mib = m["model_base"] + sum(m[s] for s in stages) + MODEL_MIB_PER_PHOTO * batch_size
+        if on_gpu:
+            mib += CUDA_CONTEXT_MIB
+    return _mib(mib * _MEMORY_HEADROOM)
+
+
+def plan_pipeline(cfg: TagConfig, model_stages: list[str], cluster: dict[str, float], *, local: bool,
+                  node_memory: float | None = None) -> PipelineLayout:
+    """Pool sizes and per-actor requests such that every pool's minimum is placeable.
+
+    ``cluster`` is ``ray.cluster_resources()``; ``node_memory`` the largest node's ``memory`` resource
+    (every pool's minimum must fit one node, as when a worker of a small cluster is lost).
+    GPU model stages run as one fused pool (:class:`~photolens.udfs.recognize.RecognizeUDF`) of up to
+    ``cluster GPUs / num_gpus`` actors on a local Ray. On CPUs ``model_pools`` decides ("auto": fused,
+    measured faster on small machines by ``bench/bench_pipeline.py``).
+    """
+    on_gpu = cfg.num_gpus > 0
+    device = cfg.device or ("cuda" if on_gpu else "cpu")
+    batch = resolve_model_batch_size(cfg)
+    fused = bool(model_stages) and (on_gpu or cfg.model_pools in ("auto", "fused"))
+    units = (["models"] if fused else model_units(model_stages)) if model_stages else []
+    notes: list[str] = []
+
+    model_min, model_max = cfg.min_actors, cfg.max_actors
+    if on_gpu and model_stages:
+        gpus = float(cluster.get("GPU", 0.0))
+        fit = int(gpus / cfg.num_gpus + 1e-9)
+        if fit < cfg.min_actors:
+            message = (f"--num-gpus {cfg.num_gpus:g} per model actor x --min-actors {cfg.min_actors} needs "
+                       f"{cfg.num_gpus * cfg.min_actors:g} GPUs; this Ray cluster has {gpus:g}")
+            if local:
+                raise ConfigError(message + ": lower --num-gpus or --min-actors, or declare the node's GPUs "
+                                            "with --num-gpus-node")
+            notes.append(message + " now: the model pool waits for the autoscaler to add GPU nodes")
+        elif local:
+            # Actors beyond what the node's GPUs hold would never start.
+            model_max = max(model_min, min(cfg.max_actors, fit))
+
+    cpus = fit_cpus(cfg, len(units), float(cluster.get("CPU", 1.0)))
+    pools: dict[str, PoolSpec] = {
+        "fetch": PoolSpec(cfg.min_actors, max(cfg.max_actors, cfg.cpu_actors), cpus["io"],
+                          memory=actor_memory("fetch", cfg.batch_size)),
+        "decode": PoolSpec(cfg.min_actors, max(cfg.max_actors, cfg.cpu_actors), cpus["decode"],
+                           memory=actor_memory("decode", cfg.batch_size)),
+    }
+    for unit in units:
+        name = "models:" + "+".join(model_units(model_stages)) if unit == "models" else unit
+        pools[unit] = PoolSpec(model_min, model_max, cpus["model"], cfg.num_gpus if on_gpu else 0.0,
+                               memory=actor_memory(name, batch, on_gpu))
+    pools["write"] = PoolSpec(1, cfg.max_actors, cpus["io"], memory=actor_memory("write", cfg.batch_size))
+    pools = fit_memory(pools, node_memory if node_memory is not None else cluster.get("memory"))
+    return PipelineLayout(pools, fused, tuple(units), batch, device, tuple(notes))
+
+
+def fit_memory(pools: dict[str, PoolSpec], memory: float | None) -> dict[str, PoolSpec]:
+    """Memory requests shrunk proportionally when the pools' minimum sizes would not fit ``memory``
+    (bytes; None or 0: Ray reported none, so nothing is requested and nothing can block)."""
+    if not memory:
+        return {k: replace(p, memory=0) for k, p in pools.items()}
+    needed = sum(p.min_size * p.memory for p in pools.values())
+    room = 0.8 * memory  # the read tasks and Ray's own workers need some too
+    if needed <= room:
+        return pools
+    scale = room / needed
+    return {k: replace(p, memory=int(p.memory * scale)) for k, p in pools.items()}
+
+
+def _decode_has_header_mode() -> bool:
+    import dataclasses
+
+    from photolens.udfs.decode import DecodeConfig
+
+    return "pixels" in {f.name for f in dataclasses.fields(DecodeConfig)}
+
+
+class _DecodeWithoutPixels:
+    """The decode stage of a run without model stages: nothing after it reads the pixels, so they stay
+    in the decode actor instead of travelling to the writer."""
+
+    def __init__(self, config: Any) -> None:
+        from photolens.udfs.decode import DecodeUDF
+
+        self.decode = DecodeUDF(config)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = self.decode(batch)
+        out.pop("image", None)
+        return out
+
+
 def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: Lake) -> Any:
     import ray
     import ray.data
@@ -332,60 +528,75 @@ def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: 
     from photolens.udfs.fetch import FetchConfig, FetchUDF, read_shards
     from photolens.udfs.write import WriteConfig, WriteUDF, write_batch_rows
 
+    model_stages = [s for s in MODEL_STAGES if s in cfg.stages]
+    node_memory = max((n.get("Resources", {}).get("memory", 0.0) for n in ray.nodes() if n.get("Alive")),
+                      default=None)
+    layout = plan_pipeline(cfg, model_stages, ray.cluster_resources(), local=not os.environ.get("RAY_ADDRESS"),
+                           node_memory=node_memory)
+    for note in layout.notes:
+        print(f"photolens tag: {note}", file=sys.stderr, flush=True)
+
+    def compute(name: str) -> dict[str, Any]:
+        p = layout.pools[name]
+        return {"compute": ActorPoolStrategy(min_size=p.min_size, max_size=p.max_size), **p.remote_args()}
+
     # One read task per planned shard (read_parquet's file listing stalls beside several actor pools on
     # small clusters, and the shard list is already known).
     ds = ray.data.from_items([{"shard": u} for u in plan.shards], override_num_blocks=max(len(plan.shards), 1))
     ds = ds.map_batches(read_shards, batch_size=1, num_cpus=0.25)
-    pool = ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors)
-    cpu_pool = ActorPoolStrategy(min_size=cfg.min_actors, max_size=max(cfg.max_actors, cfg.cpu_actors))
-    model_stages = [s for s in MODEL_STAGES if s in cfg.stages]
-    cpus = fit_cpus(cfg, model_stages, ray.cluster_resources().get("CPU", 1.0))
     # Workers resolve S3 credentials themselves (standard chain): frozen driver credentials would expire
     # during a long night on instance-profile or web-identity tokens.
     s3_for_workers = None
     fetch_cfg = FetchConfig(s3=s3_for_workers, max_bytes=cfg.max_bytes, max_attempts=cfg.fetch_attempts,
                             base_delay_s=cfg.fetch_base_delay_s)
     ds = ds.map_batches(FetchUDF, fn_constructor_kwargs={"config": fetch_cfg}, batch_size=cfg.batch_size,
-                        compute=cpu_pool, num_cpus=cpus["io"], zero_copy_batch=True)
+                        zero_copy_batch=True, **compute("fetch"))
+    decode_kwargs: dict[str, Any] = {}
+    if cfg.gpu_decode and model_stages:
+        decode_kwargs["pixels"] = False  # header mode: validate here, the model actor decodes on its device
     decode_cfg = DecodeConfig(working_size=cfg.decode_working_size, max_bytes=cfg.max_bytes,
-                              time_limit_s=cfg.decode_time_limit_s)
-    ds = ds.map_batches(DecodeUDF, fn_constructor_kwargs={"config": decode_cfg}, batch_size=cfg.batch_size,
-                        compute=cpu_pool, num_cpus=cpus["decode"])
+                              time_limit_s=cfg.decode_time_limit_s, **decode_kwargs)
+    decode_udf: Any = DecodeUDF if model_stages else _DecodeWithoutPixels
+    ds = ds.map_batches(decode_udf, fn_constructor_kwargs={"config": decode_cfg}, batch_size=cfg.batch_size,
+                        **compute("decode"))
     emotion_labels: tuple[str, ...] = ()
     if model_stages:
-        from photolens.udfs.recognize import stage_udfs
-
-        resources: dict[str, Any] = {"num_gpus": cfg.num_gpus}
-        if cfg.num_gpus == 0:
-            resources["num_cpus"] = cpus["model"]
-        if cfg.accelerator_type:
-            resources["accelerator_type"] = cfg.accelerator_type
-        device = cfg.device or ("cuda" if cfg.num_gpus > 0 else "cpu")
-        for udf_cls, udf_cfg in stage_udfs(model_stages, cfg.model_store, device, s3_for_workers,
-                                           recognize_options(cfg)):
-            ds = ds.map_batches(udf_cls, fn_constructor_kwargs={"config": udf_cfg}, batch_size=cfg.batch_size,
-                                compute=pool, **resources)
         from photolens.schemas.emotions import EMOTIONS
+        from photolens.udfs.recognize import RecognizeConfig, RecognizeUDF, stage_udfs
 
+        extra: dict[str, Any] = {"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}
+        if layout.fused:
+            rec_cfg = RecognizeConfig(stages=tuple(model_stages), model_store=cfg.model_store, device=layout.device,
+                                      s3=s3_for_workers, options=recognize_options(cfg),
+                                      batch_size=layout.model_batch_size, gpu_decode=cfg.gpu_decode,
+                                      working_size=cfg.decode_working_size,
+                                      decode_time_limit_s=cfg.decode_time_limit_s)
+            ds = ds.map_batches(RecognizeUDF, fn_constructor_kwargs={"config": rec_cfg},
+                                batch_size=layout.model_batch_size, **compute("models"), **extra)
+        else:
+            udfs = stage_udfs(model_stages, cfg.model_store, layout.device, s3_for_workers, recognize_options(cfg),
+                              batch_size=layout.model_batch_size)
+            for unit, (udf_cls, udf_cfg) in zip(layout.model_units, udfs, strict=True):
+                ds = ds.map_batches(udf_cls, fn_constructor_kwargs={"config": udf_cfg},
+                                    batch_size=layout.model_batch_size, **compute(unit), **extra)
         emotion_labels = tuple(EMOTIONS)
     write_cfg = WriteConfig(lake.root, lake.restricted_root, run_id, run_date, s3_for_workers, cfg.privacy,
                             emotion_labels)
     # One write batch is one file per table: rows arrive here without pixels, so batches of a file's rows fit.
     return ds.map_batches(WriteUDF, fn_constructor_kwargs={"config": write_cfg},
-                          batch_size=write_batch_rows(cfg.rows_per_file, cfg.target_file_mib),
-                          compute=ActorPoolStrategy(min_size=1, max_size=cfg.max_actors), num_cpus=cpus["io"])
+                          batch_size=write_batch_rows(cfg.rows_per_file, cfg.target_file_mib), **compute("write"))
 
 
-def fit_cpus(cfg: TagConfig, model_stages: list[str], cluster_cpus: float) -> dict[str, float]:
+def fit_cpus(cfg: TagConfig, n_model_pools: int, cluster_cpus: float) -> dict[str, float]:
     """CPU requests per actor, shrunk when the pools' minimum sizes would not fit the cluster.
 
     Every pool must place ``min_actors`` actors and the Parquet read tasks need a CPU, or the pipeline
-    waits forever. On a laptop-sized cluster the requests shrink proportionally (torch still uses the
-    cores it finds); on a real cluster the configured requests stand.
+    waits forever. ``n_model_pools`` counts model UDF pools (one when fused; "faces" alone is three when
+    not). On a laptop-sized cluster the requests shrink proportionally (torch still uses the cores it
+    finds); on a real cluster the configured requests stand.
     """
     want = {"io": cfg.io_num_cpus, "decode": cfg.decode_num_cpus, "model": cfg.model_num_cpus}
-    n_models = 0 if cfg.num_gpus > 0 else len(model_stages)
-    needed = cfg.min_actors * (2 * want["io"] + want["decode"] + n_models * want["model"])
+    needed = cfg.min_actors * (2 * want["io"] + want["decode"] + n_model_pools * want["model"])
     room = max(cluster_cpus - 1.0, 0.5)
     if needed <= room:
         return want
@@ -393,24 +604,81 @@ def fit_cpus(cfg: TagConfig, model_stages: list[str], cluster_cpus: float) -> di
     return {k: max(round(v * scale, 3), 0.01) for k, v in want.items()}
 
 
-def ensure_ray(num_gpus: float = 0.0) -> None:
+def local_gpu_count() -> int:
+    """CUDA devices torch sees on this machine (0 without CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def ensure_ray(num_gpus: float = 0.0, num_gpus_node: float | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray that declares this machine's GPUs.
+
+    A local Ray declares ``num_gpus_node`` GPUs when given, else torch's device count when the model
+    actors ask for GPUs (a cluster's nodes declare their own: the driver is not probed then).
+    """
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, num_gpus=num_gpus if num_gpus else None)
-    # Our own bar counts photos end to end; Ray Data's per-operator bars (or, off a terminal, its progress
-    # log lines every few seconds) would bury the run report.
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level="warning")
+        else:
+            gpus = num_gpus_node if num_gpus_node is not None else (local_gpu_count() if num_gpus > 0 else None)
+            if num_gpus > 0 and (gpus or 0) < num_gpus:
+                raise ConfigError(
+                    f"--num-gpus {num_gpus:g} per model actor, but this machine has {gpus or 0} CUDA device(s) "
+                    "(torch.cuda.device_count()): run with --num-gpus 0 (CPU), or declare the node's GPUs "
+                    "with --num-gpus-node N")
+            ray.init(include_dashboard=False, log_to_driver=False, num_gpus=gpus, logging_level="warning")
+    # Our own progress counts photos end to end; Ray Data's per-operator bars (or, off a terminal, its
+    # progress log lines every few seconds) would bury the run report.
     import logging
 
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ... and then says, once per run, that it disabled them.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    _consume_constructor_ref_warning()
+
+
+_CONSTRUCTOR_REF_WARNING_CONSUMED = False
+
+
+def _consume_constructor_ref_warning() -> None:
+    """Ray Data hands every pipeline actor its context and transform as object refs, so the driver's core
+    worker logs, once per process, an ERROR that restarting such an actor fails if those objects are lost
+    (ray-project/ray#53727). The streaming executor holds both refs until the dataset finishes, so the
+    restarts that carry a run over a lost worker are safe and the line is noise in every run's log. It is
+    spent here on a throwaway actor while the driver's stderr is muted for that one call."""
+    global _CONSTRUCTOR_REF_WARNING_CONSUMED
+    if _CONSTRUCTOR_REF_WARNING_CONSUMED:
+        return
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class _Throwaway:
+        def __init__(self, _arg: Any) -> None:
+            pass
+
+    arg = ray.put(None)
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        actor = _Throwaway.remote(arg)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    ray.kill(actor)
+    _CONSTRUCTOR_REF_WARNING_CONSUMED = True
 
 
 def run_tag(cfg: TagConfig, s3: S3Settings | None = None) -> RunReport:
@@ -503,10 +771,10 @@ def _run_leased(cfg: TagConfig, s3: S3Settings | None, lake: Lake, lease: RunLea
     stage_rows: Counter[str] = Counter()
     t_pipe = time.perf_counter()
     if plan.n_todo:
-        ensure_ray(cfg.num_gpus)
+        ensure_ray(cfg.num_gpus, cfg.num_gpus_node)
         ds = build_dataset(cfg, plan, run_id, run_date, lake)
         crash_after = _fault(cfg, "crash_after_batches")
-        bar = _progress(plan.n_todo, cfg.progress)
+        bar = _progress(plan.n_todo, cfg.progress, cfg.progress_interval_s)
         for n_batches, row in enumerate(ds.iter_rows(), start=1):
             for f in json.loads(row["files"]):
                 sf = StagedFile.from_dict(f)
@@ -582,12 +850,57 @@ def _check_error_budget(cfg: TagConfig, run_id: str, statuses: Counter[str], err
             "check the model device (a broken CUDA context fails every photo), then run again")
 
 
-def _progress(total: int, enabled: bool) -> Any:
+class _LogProgress:
+    """Progress for logs (a RayJob's driver log, a CronJob pod): one line every ``interval_s`` seconds
+    instead of a bar that a file would record as one ever-growing line."""
+
+    def __init__(self, total: int, interval_s: float, stream: Any = None) -> None:
+        self.total, self.interval_s = total, interval_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.done = self.last_done = 0
+        self.started = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            self._line(now)
+
+    def close(self) -> None:
+        if self.last_done != self.done:
+            self._line(time.monotonic())
+
+    def _line(self, now: float) -> None:
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done / elapsed
+        left = f", {_duration((self.total - self.done) / rate)} left" if rate > 0 and self.done < self.total else ""
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        self.last_done = self.done
+        print(f"photos {self.done}/{self.total} ({pct:.0f}%) in {_duration(elapsed)}, {rate:.2f} photos/s{left}",
+              file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _progress(total: int, enabled: bool, interval_s: float = 30.0, stream: Any = None) -> Any:
+    """tqdm's bar on a terminal, a line every ``interval_s`` seconds otherwise; None when disabled."""
     if not enabled:
         return None
-    from tqdm import tqdm
+    stream = stream if stream is not None else sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        from tqdm import tqdm
 
-    return tqdm(total=total, unit="photo", desc="photos", file=sys.stderr, disable=None, mininterval=2.0)
+        return tqdm(total=total, unit="photo", desc="photos", file=stream, mininterval=2.0)
+    return _LogProgress(total, interval_s, stream)
 
 
 def _cleanup_staging(lake: Lake, run_id: str, s3: S3Settings | None) -> None:

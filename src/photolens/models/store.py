@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,62 @@ PACKAGED: tuple[PackagedModel, ...] = (
 DEFAULT_MODELS = tuple(p.name for p in PACKAGED)
 
 
-def default_store_uri() -> str:
-    return os.environ.get("PHOTOLENS_MODEL_STORE") or str(Path.home() / ".cache" / "photolens" / "models")
+def builtin_store_path() -> Path:
+    """The store used when none is named: ``~/.cache/photolens/models``."""
+    return Path.home() / ".cache" / "photolens" / "models"
+
+
+def default_store_uri(*, fill: bool = True) -> str:
+    """The store to use when a command names none: ``$PHOTOLENS_MODEL_STORE``, else the built-in local store.
+
+    The built-in store fills itself from the installed packages on first use (``fill``), so a fresh install
+    runs without ``photolens models install``. A store that is named (``--model-store``, ``--store`` or
+    ``$PHOTOLENS_MODEL_STORE``) is never filled behind the operator's back: an empty or damaged one fails
+    at start with the command that fixes it.
+    """
+    named = os.environ.get("PHOTOLENS_MODEL_STORE")
+    if named:
+        return named
+    path = builtin_store_path()
+    if fill:
+        fill_builtin_store(path)
+    return str(path)
+
+
+def fill_builtin_store(path: Path | None = None) -> list[ModelEntry]:
+    """Install the packaged models the local store at ``path`` lacks (none missing: nothing to do, cheap).
+
+    A model whose package is not installed is left out; the job that needs it then fails at start naming
+    the package. Processes filling the same store at once (Ray workers on one node) wait for the first.
+    """
+    path = path or builtin_store_path()
+    if _packaged_missing(ModelStore(str(path))) == ():
+        return []
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".fill.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = ModelStore(str(path))
+        missing = _packaged_missing(store)
+        installable = tuple(n for n in missing if _package_installed(n))
+        if not installable:
+            return []
+        print(f"photolens: filling the model store {store.uri} from the installed packages "
+              f"({', '.join(installable)}); `photolens models list` shows it", file=sys.stderr)
+        return store.install(installable)
+
+
+def _packaged_missing(store: ModelStore) -> tuple[str, ...]:
+    entries = store.manifest(reload=True)
+    return tuple(pm.name for pm in PACKAGED if pm.name not in entries)
+
+
+def _package_installed(name: str) -> bool:
+    pm = next(p for p in PACKAGED if p.name == name)
+    try:
+        folder = package_folder(pm.package)
+    except ModelStoreError:
+        return False
+    return all((folder / rel).exists() for rel in pm.files)
 
 
 def _cache_root() -> Path:
@@ -145,6 +200,11 @@ class ModelStore:
                 doc = json.loads(read_bytes(join_uri(self.uri, MANIFEST), self.s3))
             except (FileNotFoundError, OSError):
                 doc = {"models": []}
+            except ValueError as exc:
+                raise ModelStoreError(
+                    f"the model store's {join_uri(self.uri, MANIFEST)} is damaged ({exc}): delete it and run "
+                    f"`photolens models install --store {self.uri}` (then `models add` your own checkpoints)"
+                ) from exc
             self._manifest = {m["name"]: ModelEntry.from_dict(m) for m in doc.get("models", [])}
         return self._manifest
 
