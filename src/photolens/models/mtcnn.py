@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import nms
+from torchvision.ops import batched_nms
 
 __all__ = ["MTCNN", "DetectorSettings", "FaceDetections", "ONet", "PNet", "RNet"]
 
@@ -315,47 +315,78 @@ def _snapped_to_boxes(win: torch.Tensor) -> torch.Tensor:
     return torch.cat([x0y0, x0y0 + side], dim=1)
 
 
-def _nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, owners: torch.Tensor, iou: float) -> torch.Tensor:
-    """IoU NMS within each image; returns kept indices grouped by image, best first.
+def _rank_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores → (position of each box in a stable best-first sort, strictly decreasing stand-in scores).
 
-    Not ``batched_nms``: with scores tied at 1.0 (common for clear faces) which box survives
-    depends on the sort order of the whole input, and ``batched_nms`` mixes all images into one
-    sort (and shifts coordinates by image), so a face could come out slightly different depending
-    on its batch-mates. One ``nms`` per image sees exactly what a single-image call sees.
+    NMS depends only on the order of the scores. Clear faces tie at 1.0 in float32, and how an
+    unstable sort orders ties would then depend on the other boxes in the call (other images of the
+    batch); ranking with a stable sort first breaks every tie by input position, so one image's boxes
+    keep the same order whatever else is in the batch.
     """
-    keep: list[torch.Tensor] = []
-    for owner in torch.unique(owners).tolist():
-        idx = (owners == owner).nonzero(as_tuple=True)[0]
-        keep.append(idx[nms(boxes[idx], scores[idx], iou)])
-    if not keep:
-        return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
-    return torch.cat(keep)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    # Exact in float64 for any realistic count (< 2**53 boxes).
+    return position, (order.numel() - position).to(torch.float64)
 
 
-def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, overlap: float) -> torch.Tensor:
-    """Greedy NMS with intersection over the smaller area (torchvision only offers IoU).
+def _nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, owners: torch.Tensor, iou: float) -> torch.Tensor:
+    """IoU NMS within each image, all images in one ``batched_nms`` call; returns kept indices
+    grouped by image (ascending), best first within an image.
 
-    Used after O-Net, where boxes are few; a box mostly inside a better-scored one (part of a face
-    detected as a face) is dropped even when its IoU is small.
+    Same result as one ``nms`` per image in float64: ties are broken by input position
+    (:func:`_rank_scores`), and the boxes go in as float64 because ``batched_nms`` separates images by
+    shifting each by its index times the largest coordinate; in float64 that shift is exact for
+    float32 coordinates (in float32 it would round them by up to 1/100 px on a big batch, and make a
+    face depend on its batch-mates). Against float32 NMS the kept boxes differ only where an IoU sits
+    on the threshold itself, which P-Net's stride-2 grid makes common (two 12 px cells two apart
+    overlap by exactly 0.5): float64 decides those ties exactly, float32 by its rounding.
     """
     if boxes.shape[0] == 0:
         return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
-    b = boxes.detach().cpu().to(torch.float64)
-    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
+    position, ranked = _rank_scores(scores)
+    wide = boxes.to(torch.float64)
+    # batched_nms expects coordinates >= 0 (its shift assumes it); boxes here are not clipped.
+    wide = wide - wide.min()
+    keep = batched_nms(wide, ranked, owners, iou)
+    # Group by image, then best first: the order a per-image loop would produce.
+    key = owners[keep].to(torch.int64) * boxes.shape[0] + position[keep]
+    return keep[torch.argsort(key)]
+
+
+def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, overlap: float) -> torch.Tensor:
+    """Greedy NMS with intersection over the smaller area (torchvision only offers IoU); returns
+    kept indices best first.
+
+    Used after O-Net: a box mostly inside a better-scored one (part of a face detected as a face) is
+    dropped even when its IoU is small. Greedy NMS is sequential (a box survives when no *kept*
+    better box overlaps it), so it is solved as the fixed point of ``keep = not any(keep_j and
+    suppresses(j, i))`` over the whole overlap matrix at once: each pass settles at least the next box
+    in score order, and in practice two or three passes settle all (suppression chains are short).
+    """
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.zeros((0,), dtype=torch.int64, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    b = boxes[order].to(torch.float64)
+    g = groups[order]
     area = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
     lt = torch.maximum(b[:, None, :2], b[None, :, :2])
     rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
     inter = (rb - lt).clamp_min(0).prod(dim=2)
     smaller = torch.minimum(area[:, None], area[None, :]).clamp_min(1e-9)
-    same_group = groups.detach().cpu()[:, None] == groups.detach().cpu()[None, :]
-    suppress = (inter / smaller > overlap) & same_group
-    alive = torch.ones(b.shape[0], dtype=torch.bool)
-    keep: list[int] = []
-    for i in order.tolist():
-        if alive[i]:
-            keep.append(i)
-            alive &= ~suppress[i]
-    return torch.tensor(keep, dtype=torch.int64, device=boxes.device)
+    # suppress[j, i]: j comes before i in score order, is in i's image and overlaps it enough.
+    earlier = torch.ones((n, n), dtype=torch.bool, device=boxes.device).triu(diagonal=1)
+    suppress = (inter / smaller > overlap) & (g[:, None] == g[None, :]) & earlier
+    suppress_f = suppress.to(torch.float32)
+    keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    for _ in range(n):
+        # A float matmul counts the kept suppressors of each box (bool matmul is not supported).
+        new_keep = (keep.to(torch.float32) @ suppress_f) == 0
+        if torch.equal(new_keep, keep):
+            break
+        keep = new_keep
+    return order[keep]
 
 
 # ---------------------------------------------------------------------------------------------
