@@ -316,3 +316,91 @@ def test_store_on_local_s3(tmp_path: Path, small_data: tuple[np.ndarray, np.ndar
         fs = s3.settings().pyarrow_fs()
         store = IndexStore("s3://faceindex/prod", filesystem=fs)
         _exercise_store(store, _two_versions(store, small_data, small_trained))
+
+
+# ---------------------------------------------------------------------------------------------- below the codec's size
+
+
+def test_few_vectors_give_an_exact_flat_index_with_the_same_artifacts(tmp_path: Path) -> None:
+    s = make_identities(5, 3, d=128, seed=4)  # five users, 15 template vectors: far below 256
+    ids = np.array([fi.user_key(f"user-{i}") for i in s.labels], dtype=np.int64)
+    assert fi.min_train_vectors(128) == 256
+    built = fi.build_index(s.embeddings, ids, fi.IndexConfig(threads=1))
+    car = built.sidecar
+    assert (car["kind"], car["factory"], car["factory_requested"]) == ("flat", fi.FLAT_FACTORY, "OPQ64,PQ64x8np")
+    assert car["recall_at_1"] == car["recall_at_5"] == 1.0 and car["n"] == 15 and car["n_ids"] == 5
+    assert car["code_bytes"] == 4 * 128  # float32 vectors, nothing compressed
+    # Exact: the distances are the true L2 distances to each user's nearest vector.
+    q = sample_faces(s.centres, np.array([0, 3]), seed=9)
+    dist, got = fi.search(built.index, q, k=5)
+    for row in range(len(q)):
+        best = {}
+        for v, uid in zip(s.embeddings, ids, strict=True):
+            best[uid] = min(best.get(uid, np.inf), float(np.linalg.norm(q[row] - v)))
+        order = sorted(best, key=best.get)
+        assert got[row].tolist() == order
+        np.testing.assert_allclose(dist[row], [best[u] for u in order], rtol=1e-5)
+    # Forgetting works the same way.
+    assert fi.remove_ids(built.index, [ids[0]]) == 3 and built.index.ntotal == 12
+    # Same store, publish and rollback as the OPQ index.
+    store = IndexStore(str(tmp_path / "faceindex"))
+    v1 = store.put_version(built.index_bytes, car, extra_files={"codec.faiss": built.trained_bytes})
+    store.publish(v1)
+    loaded = store.load(v1)
+    assert loaded.sidecar["kind"] == "flat" and loaded.index().ntotal == 15
+
+
+def test_the_codec_is_trained_once_enough_vectors_exist() -> None:
+    small = make_identities(40, 6, d=D_SMALL, seed=5).embeddings  # 240 < 256
+    enough = make_identities(50, 6, d=D_SMALL, seed=5).embeddings  # 300 >= 256
+    quick = fi.IndexConfig(opq_niter=1, pq_niter=2, threads=1)
+    assert fi.index_kind(fi.deserialize(fi.train(small, quick))) == "flat"
+    trained = fi.deserialize(fi.train(enough, quick))
+    assert fi.index_kind(trained) == "opq" and trained.is_trained and trained.sa_code_size() == 16
+    # A raised floor keeps exact search longer; a factory without OPQ needs only its own codewords.
+    assert fi.index_kind(fi.deserialize(fi.train(enough, fi.IndexConfig(flat_below=1_000, threads=1)))) == "flat"
+    assert fi.min_train_vectors(D_SMALL, fi.IndexConfig(factory="PQ16x4np")) == 16
+    with pytest.raises(ValueError, match="no vectors"):
+        fi.train(np.zeros((0, D_SMALL), dtype=np.float32))
+
+
+@pytest.mark.slow
+def test_index_build_and_suggest_for_a_new_deployment_with_a_few_users(ray_local: None, tmp_path: Path) -> None:
+    """``index build`` on a lake with four users' templates (12 vectors), then friend suggestions with its codec;
+    the next build with enough training vectors trains OPQ and publishes over it; rollback returns to flat."""
+    import pyarrow as pa
+
+    from photolens.jobs.index import CODEC_FILE, IndexBuildConfig, build_face_index
+    from photolens.jobs.suggest import suggest_for_uploaders
+    from photolens.lake.delta import Lake
+
+    s = make_identities(4, 3, d=128, seed=21)
+    users = [f"user-{i}" for i in range(4)]
+    lake = Lake(str(tmp_path / "lake"))
+    templates = {u: s.embeddings[s.labels == i] for i, u in enumerate(users)}
+    lake.append("templates", pa.table({
+        "user_id": users, "status": ["ok"] * 4, "vectors": [t.tolist() for t in templates.values()],
+        "member_face_ids": [[f"{u}-f{k}" for k in range(3)] for u in users],
+        "embedding_model": ["dlib_resnet34@test"] * 4, "run_id": ["t1"] * 4}))
+    store_uri = str(tmp_path / "faceindex")
+    first = build_face_index(IndexBuildConfig(lake=lake.root, index_store=store_uri, publish=True, run_id="i1"))
+    side = first["sidecar"]
+    assert side["kind"] == "flat" and side["n"] == 12 and side["n_users"] == 4 and side["recall_at_1"] == 1.0
+
+    store = IndexStore(store_uri)
+    codec = store.load_extra(first["version"], CODEC_FILE)
+    faces = sample_faces(s.centres, np.array([1, 1, 3]), seed=2)
+    groups = [("uploader", ["p1", "p1", "p2"], ["a", "b", "c"], faces)]
+    rows, _ = suggest_for_uploaders(codec, groups, {"uploader": users}, templates, threshold=1.0)
+    by_face = {r["face_id"]: r for r in rows}
+    assert by_face["a"]["candidates"][0] == by_face["b"]["candidates"][0] == "user-1"
+    assert by_face["c"]["candidates"][0] == "user-3" and by_face["c"]["verified_user_id"] == "user-3"
+    assert len(by_face["a"]["candidates"]) == 4  # every friend, nearest first
+
+    padding = make_identities(60, 5, d=128, seed=22).embeddings  # training pool only: 312 vectors in all
+    second = build_face_index(IndexBuildConfig(lake=lake.root, index_store=store_uri, publish=True, run_id="i2",
+                                               opq_niter=2), extra_training=padding)
+    assert second["sidecar"]["kind"] == "opq" and second["sidecar"]["factory"] == "OPQ64,PQ64x8np"
+    assert second["sidecar"]["n"] == 12 and store.current() == second["version"]
+    store.rollback()
+    assert store.current() == first["version"] and store.sidecar(store.current())["kind"] == "flat"

@@ -239,7 +239,9 @@ def index_kind(index: faiss.Index) -> str:
         return "flat"
     if isinstance(inner, faiss.IndexPreTransform):
         for i in range(inner.chain.size()):
-            if isinstance(faiss.downcast_VectorTransform(inner.chain.at(i)), faiss.OPQMatrix):
+            vt = faiss.downcast_VectorTransform(inner.chain.at(i))
+            # A read-back OPQMatrix is a plain LinearTransform: a square rotation before the codes.
+            if isinstance(vt, faiss.OPQMatrix) or (isinstance(vt, faiss.LinearTransform) and vt.d_in == vt.d_out):
                 return "opq"
         inner = faiss.downcast_index(inner.index)
     return "pq" if isinstance(inner, faiss.IndexPQ) else type(inner).__name__.lower()

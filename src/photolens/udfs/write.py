@@ -170,6 +170,7 @@ def _table(cols: dict[str, list], n: int, constants: dict[str, object]) -> pa.Ta
 # Bytes a photo adds to the staged files, all tables together, as measured by bench/bench_write.py on
 # zstd Parquet (a photos row, its detections and a face with its 128-d embedding): sizes a file target.
 BYTES_PER_PHOTO = 600
+_BUILD_ROWS = 8_192
 
 
 def write_batch_rows(rows_per_file: int | None, target_file_mib: float) -> int:
@@ -187,7 +188,15 @@ class WriteUDF:
         self.lake = Lake(config.lake_root, config.restricted_root, config.s3)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        photos, dets, faces = build_rows(batch, self.config)
+        # A file's worth of photos at once: rows become Arrow (compact) a slice at a time, so the Python
+        # objects build_rows makes per row never exist for the whole batch.
+        n = len(batch["photo_id"])
+        slices = [{k: v[a : a + _BUILD_ROWS] for k, v in batch.items()} for a in range(0, n, _BUILD_ROWS)]
+        built = [build_rows(part, self.config) for part in slices] if n > _BUILD_ROWS else [build_rows(batch,
+                                                                                                     self.config)]
+        photos, dets, faces = (pa.concat_tables([b[i] for b in built if b[i].num_rows] or [built[0][i]],
+                                                promote_options="default") for i in range(3))
+        del built
         tag = f"{self.config.run_id}-{hashlib.blake2b(str(batch['photo_id'][0]).encode(), digest_size=6).hexdigest()}"
         files = []
         ok = pc.equal(photos.column("status"), Status.OK.value) if photos.num_rows else None
