@@ -25,7 +25,6 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,31 +240,6 @@ def _stats_may_hold(add: dict[str, Any], column: str, value: str) -> bool:
     return str(lo) <= value <= str(hi)
 
 
-class _StatsAccumulator:
-    """Delta file stats (numRecords, min/max, null counts) merged over the record batches of one file."""
-
-    def __init__(self, skip: tuple[str, ...] = ()) -> None:
-        self.skip = skip
-        self.n = 0
-        self.mins: dict[str, Any] = {}
-        self.maxs: dict[str, Any] = {}
-        self.nulls: dict[str, int] = {}
-
-    def add(self, part: pa.Table) -> None:
-        doc = json.loads(file_stats(part, self.skip))
-        self.n += doc["numRecords"]
-        for k, v in doc["nullCount"].items():
-            self.nulls[k] = self.nulls.get(k, 0) + v
-        for k, v in doc["minValues"].items():
-            self.mins[k] = v if k not in self.mins else min(self.mins[k], v)
-        for k, v in doc["maxValues"].items():
-            self.maxs[k] = v if k not in self.maxs else max(self.maxs[k], v)
-
-    def json(self) -> str:
-        return json.dumps({"numRecords": self.n, "minValues": self.mins, "maxValues": self.maxs,
-                           "nullCount": self.nulls})
-
-
 class Lake:
     """The tables of one lake root (local or s3://), with the restricted root beside it."""
 
@@ -467,69 +441,24 @@ class Lake:
 
         Memory: the replaced keys (16 bytes each) and one record batch at a time; files whose stats exclude
         ``replace.where`` are not opened, the others are scanned on the key columns first and streamed
-        through a rewrite only when they hold a replaced row.
+        through a rewrite only when they hold a replaced row (``photolens.lake.rewrite``).
         """
-        spec = self.spec(name)
         keys = KeySet.load(replace.shards, replace.column, self.s3)
         if not len(keys):
             return []
-        fs, root = filesystem_for(self.table_uri(name), self.s3)
-        adds = pa.table(table.get_add_actions(flatten=True))
-        candidates = []
-        for add in adds.to_pylist():
-            if all(_stats_may_hold(add, col, val) for col, val in replace.where):
-                candidates.append(add)
+        from photolens.lake.rewrite import rewrite_actions
 
-        def rewrite(add: dict[str, Any]) -> list[AddAction | RemoveAction]:
+        def touch(_add: Any) -> None:
             if replace.run_id:  # a long rewrite must not let a vacuum take the run's staged files
                 self.touch_lease(replace.run_id)
-            path = add["path"]
-            src = f"{root}/{path}"
-            probe = [replace.column, *(c for c, _ in replace.where)]
-            with fs.open_input_file(src) as f:
-                pf = pq.ParquetFile(f)
-                hits = sum(int(self._hits(batch, keys, replace).sum())
-                           for batch in pf.iter_batches(columns=probe, batch_size=_REWRITE_BATCH))
-            if not hits:
-                return []
-            parts = {k.removeprefix("partition."): v for k, v in add.items() if k.startswith("partition.")}
-            parts = {k: None if v is None else str(v) for k, v in parts.items()}
-            out: list[AddAction | RemoveAction] = [RemoveAction(path, True, now_ms, add["size_bytes"], parts)]
-            folder = path.rsplit("/", 1)[0] if "/" in path else ""
-            tag = f"{replace.run_id}-" if replace.run_id else "rewrite-"
-            name_ = f"part-{tag}{uuid.uuid4().hex[:12]}-{uuid.uuid4().hex[:12]}.parquet"
-            rel = (folder + "/" if folder else "") + name_
-            stats = _StatsAccumulator(skip=tuple(spec.partition_by))
-            with fs.open_input_file(src) as f:
-                pf = pq.ParquetFile(f)
-                writer: pq.ParquetWriter | None = None
-                sink = None
-                try:
-                    for batch in pf.iter_batches(batch_size=_REWRITE_BATCH):
-                        keep = batch.filter(pa.array(~self._hits(batch, keys, replace)))
-                        if not keep.num_rows:
-                            continue
-                        if writer is None:
-                            sink = fs.open_output_stream(f"{root}/{rel}")
-                            writer = pq.ParquetWriter(sink, pf.schema_arrow, compression="zstd")
-                        writer.write_batch(keep)
-                        stats.add(pa.Table.from_batches([keep]))
-                finally:
-                    if writer is not None:
-                        writer.close()
-                    if sink is not None:
-                        sink.close()
-            if writer is not None:
-                size = fs.get_file_info(f"{root}/{rel}").size
-                out.append(AddAction(rel, size, parts, now_ms, True, stats.json()))
-            return out
 
         # Files are independent: a few at a time keeps the object store busy (Parquet I/O releases the GIL).
-        actions: list[AddAction | RemoveAction] = []
-        with ThreadPoolExecutor(max_workers=_REWRITE_THREADS) as pool:
-            for acts in pool.map(rewrite, candidates):
-                actions += acts
-        return actions
+        return rewrite_actions(
+            table, self.table_uri(name), lambda body: self._hits(body, keys, replace), s3=self.s3,
+            may_match=lambda add: all(_stats_may_hold(add, col, val) for col, val in replace.where),
+            probe_columns=[replace.column, *(c for c, _ in replace.where)], now_ms=now_ms,
+            tag=replace.run_id or "rewrite", threads=_REWRITE_THREADS, batch_size=_REWRITE_BATCH, on_file=touch,
+        ).actions
 
     @staticmethod
     def _hits(batch: pa.RecordBatch, keys: KeySet, replace: Replacement) -> np.ndarray:

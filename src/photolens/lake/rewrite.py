@@ -206,7 +206,8 @@ def _rewrite_file(fs: pafs.FileSystem, root: str, add: Mapping[str, Any], drop: 
 def rewrite_actions(table: DeltaTable, uri: str, drop: RowMask, *, s3: S3Settings | None = None,
                     may_match: FileFilter | None = None, probe_columns: Sequence[str] | None = None,
                     now_ms: int | None = None, tag: str = "rewrite", threads: int = 1,
-                    batch_size: int = REWRITE_BATCH) -> RewriteResult:
+                    batch_size: int = REWRITE_BATCH,
+                    on_file: Callable[[Mapping[str, Any]], None] | None = None) -> RewriteResult:
     """The remove + re-add actions that drop ``drop``'s rows from every file of ``table`` (nothing committed).
 
     Memory: one record batch at a time. ``may_match`` (default :meth:`ColumnIn.may_match` for a
@@ -214,7 +215,8 @@ def rewrite_actions(table: DeltaTable, uri: str, drop: RowMask, *, s3: S3Setting
     a file is scanned on those columns first and read in full only when it holds a dropped row. New files
     go beside the ones they replace (same partition folder), named ``part-<tag>-<random>.parquet`` (a run's
     id as ``tag`` tells a vacuum whose they are). ``threads``: files rewritten side by side (Parquet I/O
-    releases the GIL; useful on object stores).
+    releases the GIL; useful on object stores). ``on_file`` is called before each candidate file (a long
+    rewrite renews its run's lease there).
     """
     fs, root = filesystem_for(uri, s3)
     partition_by = tuple(table.metadata().partition_columns)
@@ -227,6 +229,8 @@ def rewrite_actions(table: DeltaTable, uri: str, drop: RowMask, *, s3: S3Setting
     candidates = [a for a in adds if may_match is None or may_match(a)]
 
     def one(add: Mapping[str, Any]) -> tuple[list[AddAction | RemoveAction], int, bool]:
+        if on_file is not None:
+            on_file(add)
         return _rewrite_file(fs, root, add, drop, probe_columns, partition_by, now_ms, tag, batch_size)
 
     if threads > 1 and len(candidates) > 1:
