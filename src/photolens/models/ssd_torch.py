@@ -519,7 +519,7 @@ class _SameConv(nn.Module):
             x = F.conv2d(x, conv.weight, conv.bias, self.stride, (top, left), 1, conv.groups)
         else:
             x = F.conv2d(F.pad(x, pads), conv.weight, conv.bias, self.stride, 0, 1, conv.groups)
-        return F.relu6(x) if self.relu6 else x
+        return F.relu6(x, inplace=True) if self.relu6 else x  # in place: x is the fresh conv output
 
 
 class _InvertedResidual(nn.Module):
