@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -74,8 +75,14 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--device", default="cpu", help="device for the torch runs besides the CPU ones")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for both engines (default: each library's own); 1 is what a Ray actor "
+                         "with num_cpus=1 gets, and the only fair setting on a machine shared with other work")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ssd.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
     images = load(args.photos)
     graph, pbtxt = find_ssd_mobilenet_files()
     runs: list[tuple[str, str, Callable[[Sequence[np.ndarray]], list[Detections]]]] = [
@@ -111,7 +118,8 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "load_avg_1m": round(os.getloadavg()[0], 2),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "photos": args.photos, "torch_threads": torch.get_num_threads(), "rows": rows,
+        "photos": args.photos, "torch_threads": torch.get_num_threads(), "cv2_threads": cv2.getNumThreads(),
+        "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
