@@ -343,31 +343,40 @@ def _crash(reason: str) -> None:
     os._exit(137)
 
 
-# Measured actor memory (USS, MiB) per actor type: each UDF in its own Ray actor on this project's 2-core
-# development machine (Python 3.11, torch 2.14 CPU, Ray 2.60), after two batches of 16 real photos at
-# working size 1024 (``bench/bench_pipeline.py --actor-memory``). The model entries are what each model
-# adds to a worker that has imported torch ("model_base"). Requests are these plus a per-photo term for
-# the batch in flight, plus 25 % (Ray Data's issue detector warns below 1.25x the observed peak).
+# Measured actor memory: peak USS (MiB) of each operator's actors as Ray Data's issue detector reports it
+# (``bench/bench_pipeline.py --actor-memory --photos 16``: every pool requests ~no memory, so the detector
+# names each one's peak), on the 2-core development machine (Python 3.11, torch 2.14 CPU, Ray 2.60), all
+# stages, batches of 16 photos (half 12 MP, half 0.5 MP JPEGs; working size 1024), 2026-12-04. A model actor
+# is a torch worker (``model_base``: the smallest model's actor, mini-Xception, 470 MiB, less its net) plus
+# what its model and a batch's activations add; a fused actor holds every model but runs one stage's
+# activations at a time, and measured 1488 MiB with all six, against 2248 for the sum of the parts.
 ACTOR_MEMORY_MIB: dict[str, float] = {
-    "fetch": 0.0,
-    "decode": 0.0,
-    "write": 0.0,
-    "model_base": 0.0,
-    "detect": 0.0,
-    "scene": 0.0,
-    "landmark": 0.0,
-    "faces": 0.0,
-    "embed": 0.0,
-    "emotion": 0.0,
+    "fetch": 140.4,
+    "decode": 363.6,
+    "write": 118.2,
+    "model_base": 450.0,
+    "detect": 913.5 - 450.0,
+    "scene": 664.9 - 450.0,
+    "landmark": 824.4 - 450.0,
+    "faces": 1091.4 - 450.0,
+    "embed": 534.2 - 450.0,
+    "emotion": 469.5 - 450.0,
+    "fused_all": 1488.3,
 }
-# Working images and model activations per photo of a model batch (1024 px RGB is 3 MiB; MTCNN's pyramid
-# and the detectors' float copies are a few times that), and per photo of a fetch/decode batch.
-MODEL_MIB_PER_PHOTO = 0.0
-CPU_MIB_PER_PHOTO = 0.0
-# A CUDA context and the GPU kernels' host-side libraries: not measurable on the CPU-only development
-# machine; torch's own figure for a context on recent GPUs is 0.5-1.5 GiB of host memory.
-CUDA_CONTEXT_MIB = 1536.0
-_MEMORY_HEADROOM = 1.25
+MEASURED_BATCH = 16
+# Beyond the measured batch of 16 (estimates, not measured): a model batch's working images and CPU
+# activations (1024 px RGB is 3 MiB; MTCNN's first pyramid level in float32 with its 10-channel conv output is
+# about 15 MiB more), a fetch/decode batch's 12 MP JPEG bytes and decoded image.
+MODEL_MIB_PER_PHOTO = 12.0
+CPU_MIB_PER_PHOTO = 8.0
+# A write batch is a whole output file of small rows (JSON, lists, a 128-d embedding per face) in numpy and
+# Arrow form at once (estimate: 4 KiB a photo; the 118 MiB above held 16).
+WRITE_MIB_PER_ROW = 4.0 / 1024
+# A CUDA context and the GPU libraries' host pages (estimate: not measurable on the CPU-only machine).
+CUDA_CONTEXT_MIB = 2048.0
+# Requests are the estimate x 1.5: Ray Data's issue detector warns when a peak passes 1/1.25 of the request,
+# and a batch of photos with more faces or bigger images than the measured one must stay below that.
+_MEMORY_HEADROOM = 1.5
 MODEL_POOLS = ("auto", "fused", "separate")
 
 
@@ -423,13 +432,19 @@ def _mib(value: float) -> int:
 
 def actor_memory(unit: str, batch_size: int, on_gpu: bool = False) -> int:
     """Memory request (bytes) of one actor of ``unit`` ("fetch", "decode", "write", "models:<stages>"
-    for a fused pool, or a model UDF's name)."""
+    for a fused pool, or a model UDF's name) for batches of ``batch_size`` photos."""
     m = ACTOR_MEMORY_MIB
-    if unit in ("fetch", "decode", "write"):
-        mib = m[unit] + CPU_MIB_PER_PHOTO * batch_size
+    extra = max(batch_size - MEASURED_BATCH, 0)
+    if unit == "write":
+        mib = m[unit] + WRITE_MIB_PER_ROW * batch_size
+    elif unit in ("fetch", "decode"):
+        mib = m[unit] + CPU_MIB_PER_PHOTO * extra
     else:
         stages = unit.removeprefix("models:").split("+") if unit.startswith("models:") else [unit]
-        mib = m["model_base"] + sum(m[s] for s in stages) + MODEL_MIB_PER_PHOTO * batch_size
+        mib = m["model_base"] + sum(m[s] for s in stages)
+        if len(stages) > 1:
+            mib = min(mib, m["fused_all"])
+        mib += MODEL_MIB_PER_PHOTO * extra
         if on_gpu:
             mib += CUDA_CONTEXT_MIB
     return _mib(mib * _MEMORY_HEADROOM)
@@ -478,7 +493,10 @@ def plan_pipeline(cfg: TagConfig, model_stages: list[str], cluster: dict[str, fl
         name = "models:" + "+".join(model_units(model_stages)) if unit == "models" else unit
         pools[unit] = PoolSpec(model_min, model_max, cpus["model"], cfg.num_gpus if on_gpu else 0.0,
                                memory=actor_memory(name, batch, on_gpu))
-    pools["write"] = PoolSpec(1, cfg.max_actors, cpus["io"], memory=actor_memory("write", cfg.batch_size))
+    from photolens.udfs.write import write_batch_rows
+
+    write_rows = write_batch_rows(cfg.rows_per_file, cfg.target_file_mib)
+    pools["write"] = PoolSpec(1, cfg.max_actors, cpus["io"], memory=actor_memory("write", write_rows))
     pools = fit_memory(pools, node_memory if node_memory is not None else cluster.get("memory"))
     return PipelineLayout(pools, fused, tuple(units), batch, device, tuple(notes))
 
@@ -601,7 +619,8 @@ def fit_cpus(cfg: TagConfig, n_model_pools: int, cluster_cpus: float) -> dict[st
     if needed <= room:
         return want
     scale = room / needed
-    return {k: max(round(v * scale, 3), 0.01) for k, v in want.items()}
+    # Rounded down: a request rounded up could leave the last pool one thousandth of a CPU short.
+    return {k: max(int(v * scale * 1000) / 1000, 0.001) for k, v in want.items()}
 
 
 def local_gpu_count() -> int:
