@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, Transaction
+from deltalake import CommitProperties
 
 from photolens.faceindex.vectors import l2_normalise
 from photolens.jobs.tag import ConfigError
 from photolens.lake.delta import Lake
+from photolens.lake.rewrite import commit_properties
 
 
 def now_utc() -> dt.datetime:
@@ -27,11 +28,8 @@ def new_run_id(prefix: str) -> str:
 
 
 def commit_props(app_id: str | None, meta: Mapping[str, str] | None = None) -> CommitProperties:
-    custom = dict(meta or {})
-    if app_id:
-        custom["photolens.app_id"] = app_id
-    return CommitProperties(custom_metadata=custom or None,
-                            app_transactions=[Transaction(app_id, 1)] if app_id else None)
+    """A face job's commit: app-transaction ``(app_id, 1)`` (a re-run commits nothing) and its metadata."""
+    return commit_properties(app_id, 1, meta)
 
 
 def check_run_id(run_id: str | None) -> None:
