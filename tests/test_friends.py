@@ -72,6 +72,7 @@ BAD_FILES: dict[str, tuple[str, str]] = {
     "blank id": ("user_id,friend_id\n  ,bob\n", "empty user_id at line 2"),
     "self-friendship": ("user_id,friend_id\nalice,bob\nbob,bob\ncarol,carol\n", "own friend"),
     "no rows": ("user_id,friend_id\n", "no pairs"),
+    "repeated column": ("user_id,friend_id,user_id\nalice,bob,carol\n", "appear more than once"),
     "ragged row": ("user_id,friend_id\nalice,bob,carol\n", "not a readable CSV"),
 }
 

@@ -95,6 +95,10 @@ def read_friend_pairs(source: str, fmt: str) -> tuple[pa.Table, dict[str, int]]:
     uri = Location.parse(source).uri
     raw = _read_table(source, fmt)
     names = raw.column_names
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"{uri}: column(s) {repeated} appear more than once; a friends file has exactly the "
+                          "columns user_id, friend_id")
     missing = [c for c in COLUMNS if c not in names]
     extra = [c for c in names if c not in COLUMNS]
     if missing or extra:
