@@ -698,9 +698,10 @@ class TorchSsdMobileNetCoco:
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        if self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        # The permuted NHWC pixels already have channels-last strides, which convolutions would follow:
+        # lay them out as the config says.
+        layout = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=layout)
 
     def anchors(self, feature_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         key = tuple(feature_sizes)
