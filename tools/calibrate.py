@@ -14,8 +14,12 @@ What is fitted here:
   (``models.landmark.calibrate_threshold``) on the calibration photos: same-place pairs are positives,
   every other pair of calibration photos a negative (the box found again in a scene included).
 
-Not fitted here (their values in code predate the split, and the README says so): the dlib150 alignment
-template and the quality-weight softness in ``models/face_align.py``, MTCNN's stage thresholds.
+* ``face_align.dlib150``: the five points (and their weights) of the dlib 150x150 chip template, from MTCNN's
+  points mapped into dlib's own chip of the same faces on the calibration deepface photos (``fit_dlib150``).
+
+Not fitted (README, Calibration): the quality-weight softness constants of ``models/face_align.py`` are set by
+hand from the ranges seen on the deepface portraits, and MTCNN's stage thresholds are facenet-pytorch's
+published defaults.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -156,14 +160,96 @@ def calibrate_landmark(split: Mapping[str, Mapping[str, list[str]]]) -> dict[str
                             "balanced_accuracy": round(balanced_accuracy(pos, neg, t), 4)}}
 
 
-def fit_all() -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------- dlib150 template
+
+
+def _load_800(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        img = ImageOps.exif_transpose(im).convert("RGB")
+    scale = min(1.0, 800 / max(img.size))
+    return np.asarray(img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR))
+
+
+def _dlib_image_to_chip(details: Any) -> np.ndarray:
+    """dlib's image -> chip affine (2x3, pixel-centre coordinates) of ``get_face_chip_details``: the chip's
+    corners (0,0), (cols-1,0), (cols-1,rows-1) are the rectangle's corners rotated by ``angle`` about its centre
+    (dlib's ``get_mapping_to_chip``)."""
+    r = details.rect
+    cx, cy = (r.left() + r.right()) / 2.0, (r.top() + r.bottom()) / 2.0
+    cos, sin = np.cos(details.angle), np.sin(details.angle)
+
+    def rot(x: float, y: float) -> tuple[float, float]:
+        dx, dy = x - cx, y - cy
+        return cx + cos * dx - sin * dy, cy + sin * dx + cos * dy
+
+    src = np.array([rot(r.left(), r.top()), rot(r.right(), r.top()), rot(r.right(), r.bottom())])
+    dst = np.array([[0.0, 0.0], [details.cols - 1.0, 0.0], [details.cols - 1.0, details.rows - 1.0]])
+    a = np.hstack([src, np.ones((3, 1))])
+    return np.linalg.solve(a, dst).T
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / area) if area > 0 else 0.0
+
+
+def fit_dlib150(names: Sequence[str]) -> dict[str, Any]:
+    """MTCNN's five points mapped into dlib's own 150x150 chip (padding 0.25) of the same face; the template is
+    their mean, each point weighted by 1/variance (largest weight 1). Faces: dlib's HOG detector (upsample 1)
+    and 5-landmark predictor, where MTCNN found the same face (box IoU > 0.3); photos at long side 800 px."""
+    import dlib
+
+    from photolens.models.mtcnn import MTCNN
+    from photolens.models.store import PACKAGED, package_folder
+
+    entry = next(p for p in PACKAGED if p.name == "mtcnn")
+    folder = package_folder(entry.package)
+    nets = [next(folder / rel for rel in entry.files if rel.endswith(f"{n}.pt")) for n in ("pnet", "rnet", "onet")]
+    detector = MTCNN.from_files(*nets)
+    models = package_folder("face_recognition_models") / "models"
+    hog = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+    mapped = []
+    for name in names:
+        img = _load_800(DATA / "faces" / "deepface" / name)
+        det = detector.detect([img])[0]
+        for rect in hog(img, 1):
+            box = np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], dtype=np.float64)
+            ious = [_iou(box, np.asarray(b, dtype=np.float64)) for b in det.boxes]
+            if not ious or max(ious) <= 0.3:
+                continue
+            m = _dlib_image_to_chip(dlib.get_face_chip_details(predictor(img, rect), size=150, padding=0.25))
+            # Our points are pixel-edge (pixel j spans [j, j+1)); dlib's are pixel centres.
+            pts = np.asarray(det.points[int(np.argmax(ious))], dtype=np.float64) - 0.5
+            mapped.append(pts @ m[:, :2].T + m[:, 2] + 0.5)
+    x = np.stack(mapped)
+    mean = x.mean(axis=0)
+    var = ((x - mean) ** 2).sum(axis=-1).mean(axis=0)
+    weights = (1.0 / var) / (1.0 / var).max()
+    return {"points": np.round(mean, 2).tolist(), "weights": np.round(weights, 3).tolist(), "size": 150,
+            "fitted_on": "faces/deepface/calibration", "faces": len(x),
+            "spread_px": np.round(np.sqrt(var), 2).tolist(),
+            "objective": "mean of MTCNN points in dlib's chip; weights 1/variance, largest 1"}
+
+
+PARTS: Final = ("scene", "landmark", "face_align")
+
+
+def fit_all(parts: Sequence[str] = PARTS) -> dict[str, Any]:
+    """The calibration document, or the named parts of it."""
     split = load_split()
-    return {
+    fits = {"scene": lambda: calibrate_scene(split), "landmark": lambda: calibrate_landmark(split),
+            "face_align": lambda: {"dlib150": fit_dlib150(split["faces/deepface"]["calibration"])}}
+    doc: dict[str, Any] = {
         "about": "written by tools/calibrate.py; do not edit by hand (tests/test_calibration.py checks it)",
         "split": str(SPLIT_PATH.relative_to(ROOT)),
-        "scene": calibrate_scene(split),
-        "landmark": calibrate_landmark(split),
     }
+    doc.update({name: fits[name]() for name in parts})
+    return doc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

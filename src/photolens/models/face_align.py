@@ -20,6 +20,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from photolens.schemas.calibration import load_calibration
+
 __all__ = [
     "GATE_REASONS",
     "TEMPLATES",
@@ -64,24 +66,15 @@ def _template(name: str, size: int, points: list[list[float]], weights: list[flo
 #
 # dlib aligns its own 5 landmarks (outer/inner eye corners and the base of the nose) to a fixed mean
 # shape (dlib get_face_chip_details); MTCNN's eye centres, nose tip and mouth corners are different
-# points, so this template was fitted instead of copied. Procedure: on the 62 photos of
-# ../shared/data/faces/deepface (long side resized to 800 px) dlib's HOG detector (upsample 1) and
-# shape_predictor_5_face_landmarks.dat found 68 faces that MTCNN also found (box IoU > 0.3). For each
-# face, dlib's exact image→chip similarity (its template fitted to its landmarks, checked against
-# dlib.get_face_chip: mean absolute pixel difference 1.65 with the same transform, bilinear) mapped
-# MTCNN's five points into dlib's chip; the template is their mean (the least-squares solution).
-# Per-point spread of those mapped points was 1.2 px for the eyes and 2.9-4.6 px for nose and mouth,
-# so the fit weighs points by 1/variance (eyes ~0.36, nose ~0.05, mouth ~0.035, rescaled below):
-# dlib's own alignment is likewise dominated by the eyes (4 of its 5 points). Result on those faces:
-# the chip grid moves by 2.3 px on average (median 2.0, max 8.2) against dlib's chip, and dlib's
-# 128-d descriptor of our chip vs of dlib's chip has cosine 0.997 on average (min 0.991; Euclidean
-# distance median 0.07, against dlib's same-person threshold 0.6). Equal weights gave 2.97 px / 0.996.
-DLIB150 = _template(
-    "dlib150",
-    150,
-    [[46.59, 44.91], [101.45, 44.77], [73.63, 77.14], [48.64, 100.97], [99.53, 100.58]],
-    [1.0, 0.94, 0.125, 0.09, 0.10],
-)
+# points, so this template is fitted (tools/calibrate.py, fit_dlib150; values in schemas/calibration.json)
+# on the calibration half of ../shared/data/faces/deepface only (tests/data/calibration_split.json): photos
+# at long side 800 px, dlib's HOG detector (upsample 1) and shape_predictor_5_face_landmarks.dat on the faces
+# MTCNN also found (box IoU > 0.3). dlib's exact image->chip similarity of each face (its get_mapping_to_chip)
+# maps MTCNN's five points into dlib's chip; the template is their mean (the least-squares solution) and each
+# point is weighed by 1/variance of those mapped points (largest weight 1): the eyes scatter least, as in
+# dlib's own alignment, which 4 of its 5 points dominate. Figures of the fit: README, Calibration.
+_DLIB150_FIT = load_calibration()["face_align"]["dlib150"]
+DLIB150 = _template("dlib150", int(_DLIB150_FIT["size"]), _DLIB150_FIT["points"], _DLIB150_FIT["weights"])
 
 # insightface's ArcFace 112x112 template (arcface_dst in insightface/utils/face_align.py), given there
 # in OpenCV pixel-centre coordinates: +0.5 puts it in our pixel-edge convention.
