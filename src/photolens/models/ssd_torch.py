@@ -454,6 +454,9 @@ _EXTRAS: Final = (
     ("layer_19_1_Conv2d_5_1x1_64", "layer_19_2_Conv2d_5_3x3_s2_128"),
 )
 _NUM_MAPS: Final = 6
+# The first feature map is block 13's expansion (576 channels at 19x19 for a 300x300 input): the
+# feature extractor's ``layer_15/expansion_output``, taken before that block's stride-2 depthwise.
+_TAP_BLOCK: Final = 13
 _PREPROCESS: Final = ("Preprocessor/mul/x", "Preprocessor/sub/y")
 _BN: Final = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -613,7 +616,7 @@ class SsdMobileNetV2(nn.Module):
         maps = []
         for i, block in enumerate(self.blocks):
             x, expanded = block(x)
-            if i == 13:
+            if i == _TAP_BLOCK:
                 maps.append(expanded)
         x = self.head_conv(x)
         maps.append(x)
