@@ -457,8 +457,13 @@ def test_f5_two_drivers_with_the_same_run_id_land_one_set_of_rows(local_s3: Any,
     for p in procs:
         out, err = p.communicate(timeout=600)
         results.append((p.returncode, out, err))
-    # Both may finish; one set of rows lands (the other driver commits nothing or stops with an error).
+    # One set of rows lands: the driver that took the run's lease commits; the other finds the run live and
+    # stops at once with a one-line message (exit 3), or, starting after the first finished, commits nothing.
     assert any(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    for rc, _, err in results:
+        assert rc in (0, 3), err[-2000:]
+        if rc == 3:
+            assert "being driven by another driver" in err and "Traceback" not in err, err[-2000:]
     assert_nothing_lost(lake, _listing_ids(local_s3, bucket))
     assert lake.read("photos").num_rows == len(keys)
     assert lake.read("runs").column("run_id").to_pylist() == ["twin-night"]

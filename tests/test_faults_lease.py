@@ -321,29 +321,35 @@ def test_two_drivers_of_one_run_id_land_one_set_of_child_rows(setup: Setup) -> N
 
 
 @pytest.mark.slow
-def test_a_new_run_never_rolls_back_a_live_one(setup: Setup) -> None:
-    """Run A holds between its child commits and its photos commit; run B (another id, other photos)
-    starts, recovers, commits. A then completes: none of A's rows were taken away."""
+def test_two_runs_over_the_same_photos_at_once_lose_and_double_nothing(setup: Setup) -> None:
+    """Run A holds between its child commits and its photos commit; run B (another id, the same photos)
+    starts meanwhile. B's recovery must leave the live A alone, and B's commit, queued behind A's on the
+    lake's commit lock, replaces A's rows instead of adding a second set."""
     lake_uri = str(setup.tmp / "overlap")
     lake = Lake(lake_uri)
-    u1, u2 = str(Path(setup.photos) / "u1"), str(Path(setup.photos) / "u2")
     release = setup.tmp / "overlap-release"
-    a = Driver([*setup.args(lake_uri, "night-a"), "--photos", u1], setup.tmp / "night-a-logs",
+    a = Driver(setup.args(lake_uri, "night-a"), setup.tmp / "night-a-logs",
                _env(PHOTOLENS_FAULT=f"wait_before_commit=photos:{release}"))
     deadline = time.monotonic() + 600
     while lake.committed_version("faces", "photolens.tag/night-a") is None:
         assert time.monotonic() < deadline and a.alive(), a.stderr()
         time.sleep(0.2)
     a_children = (lake.read("detections").num_rows, lake.read("faces").num_rows)
-    assert a_children[0] > 0
-    b = _ok(_tag([*setup.args(lake_uri, "night-b"), "--photos", u2]))
-    assert b["status"] == "committed"
+    assert a_children[0] > 0 and a_children[1] > 0
+    b = Driver(setup.args(lake_uri, "night-b"), setup.tmp / "night-b-logs")
+    while "waiting for the lake's commit lock" not in b.stderr():  # B recovered, processed, and queued
+        assert time.monotonic() < deadline and b.alive(), b.stderr()
+        time.sleep(0.2)
     assert (lake.get_json(lake.meta_uri("runs", "night-a.json")) or {})["state"] == "started"
-    assert lake.read("detections").filter(pa.compute.equal(
-        lake.read("detections").column("run_id"), "night-a")).num_rows == a_children[0]
+    assert (lake.read("detections").num_rows, lake.read("faces").num_rows) == a_children
     release.write_text("go")
     assert a.report()["status"] == "committed"
+    done = b.report()
+    assert done["status"] == "committed"
+    assert any("committed by another run" in n for n in done["notes"]), done["notes"]
     _assert_same(lake, setup.ref)
+    for name in ("photos", "detections", "faces"):
+        assert set(lake.read(name, ["run_id"]).column("run_id").to_pylist()) == {"night-b"}, name
 
 
 @pytest.mark.slow
@@ -366,11 +372,6 @@ def test_reprocess_crashed_between_commits_then_rerun_keeps_old_rows(setup: Setu
     assert (lake.read("detections").num_rows, lake.read("faces").num_rows) == old
     assert set(lake.read("detections").column("run_id").to_pylist()) == {"n1"}
     assert set(lake.read("faces").column("run_id").to_pylist()) == {"n1"}
-    # And the crashed run itself, run again, completes once.
-    again = _ok(_tag(setup.args(lake_uri, "n2", "--reprocess", "all")))
-    assert again["attempt"] == 2 and again["n_todo"] == len(NAMES)
-    _assert_same(lake, setup.ref)
-    assert set(lake.read("detections").column("run_id").to_pylist()) == {"n2"}
 
 
 @pytest.mark.slow
@@ -413,6 +414,3 @@ def test_error_budget_exceeded_commits_nothing(setup: Setup) -> None:
     assert whole.returncode != 0
     assert "treating the actor as broken" in whole.stderr, whole.stderr[-3000:]
     assert all(lake.version(n) is None or lake.read(n).num_rows == 0 for n in ("photos", "detections", "faces"))
-    # A healthy device afterwards: the same run id commits, matching the reference.
-    _ok(_tag(setup.args(lake_uri, "broken")))
-    _assert_same(lake, setup.ref)

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,10 @@ import pyarrow as pa
 
 from photolens import __version__
 from photolens.jobs.plan import Plan, plan_run
-from photolens.lake.delta import Lake, StagedFile
+from photolens.lake.delta import Lake, Replacement, StagedFile
 from photolens.lake.lease import DEFAULT_LEASE_SECONDS, MIN_LEASE_SECONDS, RunLease, lease_is_live
 from photolens.lake.photostore import ManifestError
-from photolens.lake.storage import Location, S3Settings, filesystem_for, s3_settings
+from photolens.lake.storage import Location, S3Settings, filesystem_for, join_uri, s3_settings
 from photolens.schemas.errors import ErrorCode
 from photolens.schemas.tables import SchemaMismatchError
 
@@ -281,10 +282,19 @@ def recover_incomplete_runs(lake: Lake, s3: S3Settings | None,
         taken = lease.acquire(lambda cur: {**(cur or {}), "recovering": True}, skip_live=True)
         if taken is None:
             continue  # another driver took it between our read and our write
+        lease.start_heartbeat()  # a rollback of a big table may outlast one lease
         if taken.get("state") not in ("started", "failed"):
             lease.release(recovering=False)
             continue
-        if _roll_back_run(lake, run_id, lease) == "rolled_back":
+        try:
+            outcome = _roll_back_run(lake, run_id, lease)
+        except BaseException as exc:
+            # Leave the run to the next recovery (a rollback is idempotent), and say why this one stopped.
+            lease.stop_heartbeat()
+            with contextlib.suppress(Exception):
+                lease.release(recovering=False, recovery_error=_one_line(exc))
+            raise
+        if outcome == "rolled_back":
             rolled.append(run_id)
     return rolled
 
@@ -772,6 +782,7 @@ def _run_leased(cfg: TagConfig, s3: S3Settings | None, lake: Lake, lease: RunLea
         undone = lake.rollback(name, app_id, run_id)
         if undone is not None:
             report.notes.append(f"rolled back attempt {undone['attempt']} of this run from {name} ({undone['how']})")
+    photos_version_at_plan = lake.version("photos")
     try:
         plan = plan_run(cfg, lake, run_id, attempt, s3)
     except ManifestError:
@@ -825,22 +836,29 @@ def _run_leased(cfg: TagConfig, s3: S3Settings | None, lake: Lake, lease: RunLea
 
     # Commit: children first, photos last (the run's completion), then the runs row. The lease is checked
     # right before each commit: a driver that lost its run to another must not add rows beside that one's.
+    # The lake's commit lock keeps the commits of two runs from interleaving, and inside it, photos that
+    # another run committed since this one planned are replaced (rows and child rows), never doubled.
     custom = {"photolens.run_id": run_id}
-    for name in CHILD_TABLES:
-        if _fault(cfg, "crash_before_commit") == name:
-            _crash(f"before committing {name}")
-        _hold(cfg, name)
+    with _commit_lock(lake, run_id, cfg.lease_seconds):
+        late = _committed_since(lake, photos_version_at_plan, files["photos"], run_id, attempt)
+        if late is not None:
+            report.notes.append(f"{late.n} photos were committed by another run after this one planned: "
+                                "this run's rows replace theirs")
+        for name in CHILD_TABLES:
+            if _fault(cfg, "crash_before_commit") == name:
+                _crash(f"before committing {name}")
+            _hold(cfg, name)
+            lease.check()
+            lake.commit_staged(name, files[name], app_id, attempt, custom,
+                               replace=_widened(plan.replacement(name, run_id), late))
+        if _fault(cfg, "crash_before_commit") == "photos":
+            _crash("before committing photos")
+        _hold(cfg, "photos")
+        report.seconds = time.perf_counter() - t_pipe
         lease.check()
-        lake.commit_staged(name, files[name], app_id, attempt, custom,
-                           replace=plan.replacement(name, run_id))
-    if _fault(cfg, "crash_before_commit") == "photos":
-        _crash("before committing photos")
-    _hold(cfg, "photos")
-    report.seconds = time.perf_counter() - t_pipe
-    lease.check()
-    landed = lake.commit_staged("photos", files["photos"], app_id, attempt,
-                                {**custom, "photolens.report": report.to_json()},
-                                replace=plan.replacement("photos", run_id))
+        landed = lake.commit_staged("photos", files["photos"], app_id, attempt,
+                                    {**custom, "photolens.report": report.to_json()},
+                                    replace=_widened(plan.replacement("photos", run_id), late))
     if landed is None:
         # A twin driver of this run id completed first; our staged files stay uncommitted (VACUUM removes them).
         report.status = "already committed"
@@ -850,6 +868,74 @@ def _run_leased(cfg: TagConfig, s3: S3Settings | None, lake: Lake, lease: RunLea
     lease.release(state="committed", finished_at=dt.datetime.now(dt.UTC).isoformat())
     _cleanup_staging(lake, run_id, s3)
     return report
+
+
+@contextlib.contextmanager
+def _commit_lock(lake: Lake, run_id: str, lease_seconds: float) -> Iterator[None]:
+    """The lake-wide lock of the commit phase: a lease like a run's, at ``_photolens/locks/commit.json``."""
+    lock = RunLease(lake, "commit-lock", lease_seconds, uri=lake.meta_uri("locks", "commit.json"))
+
+    def waiting(doc: dict[str, Any]) -> None:
+        print(f"[{run_id}] waiting for the lake's commit lock, held by run {doc.get('run_id')}",
+              file=sys.stderr, flush=True)
+
+    lock.acquire_waiting(lambda _: {"run_id": run_id, "state": "locked"}, on_wait=waiting)
+    lock.start_heartbeat()
+    try:
+        yield
+    finally:
+        lock.stop_heartbeat()
+        with contextlib.suppress(Exception):  # an expired lock frees itself; the commit's outcome matters more
+            lock.release(state="free")
+
+
+def _committed_since(lake: Lake, version: int | None, staged: list[StagedFile], run_id: str,
+                     attempt: int) -> Replacement | None:
+    """Photo ids of this run that another run committed to ``photos`` after ``version`` (this run's plan),
+    as a replacement over all three tables; None when there are none. Reads only the files added since."""
+    table = lake.open("photos")
+    if table is None or table.version() == version:
+        return None
+    added = set(pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist())
+    if version is not None:
+        from deltalake import DeltaTable
+
+        before = DeltaTable(lake.table_uri("photos"), version=version, storage_options=lake.storage_options())
+        added -= set(pa.table(before.get_add_actions(flatten=True)).column("path").to_pylist())
+    if not added:
+        return None
+    import pyarrow.parquet as pq
+
+    fs, root = filesystem_for(lake.table_uri("photos"), lake.s3)
+
+    def ids(path: str) -> set[str]:
+        with fs.open_input_file(f"{root}/{path}") as f:
+            return set(pq.read_table(f, columns=["photo_id"]).column("photo_id").to_pylist())
+
+    theirs: set[str] = set()
+    for path in added:
+        theirs |= ids(path)
+    ours: set[str] = set()
+    for sf in staged:
+        ours |= ids(sf.path)
+    late = sorted(ours & theirs)
+    if not late:
+        return None
+    shard = join_uri(_staging_uri(lake, run_id, attempt), "late.parquet")
+    sfs, shard_path = filesystem_for(shard, lake.s3)
+    if not Location.parse(shard).is_s3:
+        sfs.create_dir(shard_path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.table({"photo_id": pa.array(late, pa.string())}), shard_path, filesystem=sfs)
+    return Replacement("photo_id", (shard,), len(late), (), run_id)
+
+
+def _widened(planned: Replacement | None, late: Replacement | None) -> Replacement | None:
+    """The planned replacement plus the late ids; the late ones hold ok rows, so no ``where`` narrows it."""
+    if late is None:
+        return planned
+    if planned is None:
+        return late
+    return Replacement(planned.column, planned.shards + late.shards, planned.n + late.n, (), planned.run_id)
 
 
 def _check_error_budget(cfg: TagConfig, run_id: str, statuses: Counter[str], errors: Counter[str]) -> None:

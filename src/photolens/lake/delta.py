@@ -4,14 +4,16 @@ Layout: analyst tables at ``<lake>/tables/<name>``; restricted ones (biometric d
 ``<restricted>/<name>`` (default ``<lake>/restricted``), so access can be granted per root.
 
 Protocol of a run (``photolens tag``):
-1. a ledger entry ``<lake>/_photolens/runs/<run_id>.json`` records the attempt before any data is written;
+1. the run's ledger ``<lake>/_photolens/runs/<run_id>.json`` records the attempt and the driver's lease
+   (``photolens.lake.lease``) before any data is written; only one live driver holds a run id;
 2. workers write Parquet files into the tables' folders: invisible to readers until committed;
 3. the driver commits child tables first (detections, faces), ``photos`` last, each commit carrying the
-   app-transaction ``(photolens.tag/<run_id>, attempt)``; the ``photos`` commit is the run's completion;
-4. a restarted run whose ``photos`` commit is missing first deletes the rows its earlier attempt committed to
-   child tables, so a crash between commits never leaves duplicates; a run whose ``photos`` commit exists
-   commits nothing again, whichever attempt asks (``commit_staged`` checks the completion itself, so a second
-   driver started with the same run id while the first was still running cannot add its rows again).
+   app-transaction ``(photolens.tag/<run_id>, attempt)``; the ``photos`` commit is the run's completion; the
+   lease is checked right before each commit;
+4. a run whose ``photos`` commit is missing and whose driver is gone (lease expired or released) is rolled back
+   (:meth:`Lake.rollback`): its child rows go and the rows its commits replaced come back, recorded by the app
+   id ``<app_id>#rolled-back``. ``commit_staged`` refuses a later attempt beside rows of an earlier one that
+   were never rolled back, and commits nothing for a run whose ``photos`` commit exists, whichever attempt asks.
 """
 
 from __future__ import annotations

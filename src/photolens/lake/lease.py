@@ -116,12 +116,12 @@ class RunLease:
     """This driver's lease on one run id (see the module docstring)."""
 
     def __init__(self, lake: Lake, run_id: str, seconds: float = DEFAULT_LEASE_SECONDS,
-                 holder: Holder | None = None) -> None:
+                 holder: Holder | None = None, uri: str | None = None) -> None:
         if seconds < MIN_LEASE_SECONDS:
             raise ValueError(f"lease of {seconds}s: use at least {MIN_LEASE_SECONDS}s")
         self.lake = lake
         self.run_id = run_id
-        self.uri = lake.meta_uri("runs", f"{run_id}.json")
+        self.uri = uri or lake.meta_uri("runs", f"{run_id}.json")
         self.seconds = float(seconds)
         self.holder = holder or Holder()
         self.doc: dict[str, Any] | None = None
@@ -160,6 +160,20 @@ class RunLease:
             return new
         raise LeaseHeldError(f"run {self.run_id}: its ledger kept changing under this driver; another driver "
                              "is taking it")
+
+    def acquire_waiting(self, make_doc: Callable[[dict[str, Any] | None], dict[str, Any]],
+                        on_wait: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Like :meth:`acquire`, but waits while another driver holds the lease: a live holder renews it
+        only while it runs, so the wait ends when it releases, or when it dies and the lease expires."""
+        waited = False
+        while True:
+            try:
+                return self.acquire(make_doc)  # type: ignore[return-value]
+            except LeaseHeldError:
+                if not waited and on_wait is not None:
+                    on_wait(self.lake.get_json(self.uri) or {})
+                waited = True
+                time.sleep(min(1.0, self.seconds / 10))
 
     def _lease_fields(self, released: bool = False) -> dict[str, Any]:
         now = time.time()
@@ -207,9 +221,9 @@ class RunLease:
         with self._lock:
             if self.lost:
                 raise LeaseLostError(self.lost)
-            etag = self.etag
         current = self.lake.get_json_versioned(self.uri)
-        if current is None or current[1] != etag:
+        # Only this driver writes its owner token (the heartbeat may have renewed since: compare owners).
+        if current is None or (current[0].get("lease") or {}).get("owner") != self.holder.owner:
             with self._lock:
                 self.lost = (f"run {self.run_id}: its ledger was changed by another driver; this driver must "
                              "not commit")
