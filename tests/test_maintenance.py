@@ -202,3 +202,21 @@ def test_optimize_compacts_and_keeps_every_row(tmp_path: Path, z_order: bool) ->
     for name in ("photos", "faces"):
         assert _parquet_on_disk(lake, name) == _active(lake, name)
     assert _sorted_rows(lake, "faces") == before["faces"]
+
+
+def test_vacuum_keeps_the_files_of_a_run_whose_driver_holds_its_lease(tmp_path: Path) -> None:
+    from photolens.lake.lease import RunLease
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.append("photos", _photos_rows(range(3), "earlier"))
+    lease = RunLease(lake, "driven")
+    lease.acquire(lambda doc: {"run_id": "driven", "attempt": 1, "state": "started"})
+    staged = lake.stage("photos", _photos_rows(range(3, 6), "driven"), "driven-000000000000")
+    fs, root = filesystem_for(lake.table_uri("photos"), None)
+    # Even past every age limit: the driver's live lease protects what it staged.
+    assert vacuum(VacuumConfig(lake=lake.root, older_than_hours=0))["tables"]["photos"]["orphans_removed"] == 0
+    assert fs.get_file_info(f"{root}/{staged[0].path}").size == staged[0].size
+    lease.release(state="rolled_back")
+    out = vacuum(VacuumConfig(lake=lake.root, older_than_hours=0))
+    assert out["tables"]["photos"]["orphans_removed"] == len(staged)
+    assert _active(lake, "photos") == _parquet_on_disk(lake, "photos")

@@ -9,9 +9,10 @@ embeddings, which must not outlive a failed run. The run's temporary folder ``_p
 
 A file is an orphan only when (1) no log entry (JSON commit or checkpoint, add or remove) names it, (2) it is
 older than ``--older-than`` (the lease expiry, default 1 h) and (3) the run that staged it (named in the file) is
-not alive: a run is alive while its lease (``_photolens/leases/<run_id>.json``, renewed by every write batch and
-every file a commit rewrites) or its ledger entry, still ``started``, is younger than the lease expiry. A file
-that some commit references is never touched by this pass.
+not alive: a run is alive while its driver's lease in the ledger (``photolens.lake.lease``) is live, or while
+its staging lease (``_photolens/leases/<run_id>.json``, renewed by every write batch and every file a commit
+rewrites) or its ledger entry, still ``started``, is younger than the lease expiry. A file that some commit
+references is never touched by this pass.
 """
 
 from __future__ import annotations
@@ -183,21 +184,25 @@ class _Liveness:
         for info in _list(fs, root):
             if info.base_name.endswith(".json"):
                 self.leases[info.base_name.removesuffix(".json")] = _mtime(info)
-        self.ledgers: dict[str, tuple[str, float]] = {}
+        self.ledgers: dict[str, tuple[dict[str, Any], float]] = {}
         fs, root = filesystem_for(lake.meta_uri("runs"), lake.s3)
         for info in _list(fs, root):
             if info.base_name.endswith(".json"):
                 doc = lake.get_json(lake.meta_uri("runs", info.base_name)) or {}
-                self.ledgers[info.base_name.removesuffix(".json")] = (str(doc.get("state")), _mtime(info))
+                self.ledgers[info.base_name.removesuffix(".json")] = (doc, _mtime(info))
 
     def alive(self, run_id: str | None) -> bool:
+        from photolens.lake.lease import lease_is_live
+
         if run_id is None:
             return False
         lease = self.leases.get(run_id)
         if lease is not None and self.now - lease < self.expiry_s:
             return True
-        state, at = self.ledgers.get(run_id, ("", 0.0))
-        return state == "started" and self.now - at < self.expiry_s
+        doc, at = self.ledgers.get(run_id, ({}, 0.0))
+        if lease_is_live(doc, self.now):  # the driver's own lease, renewed while it runs
+            return True
+        return doc.get("state") == "started" and self.now - at < self.expiry_s
 
 
 def _run_of(name: str) -> str | None:
