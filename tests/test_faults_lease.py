@@ -196,6 +196,23 @@ def test_rollback_of_a_reprocess_commit_brings_the_old_rows_back(tmp_path: Path,
     assert [d for d in _dets(lake) if d[0] in re_ids] == sorted((p, i, "re") for p in re_ids for i in range(2))
 
 
+def test_forget_with_work_pending_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A forget that ran while a tagging run was in flight deleted what it could; its receipt is incomplete
+    and the exit code says so (a scheduler must run it again after the run commits)."""
+    from photolens.cli import EXIT_INCOMPLETE, main
+
+    lake = Lake(str(tmp_path / "lake"))
+    lease = RunLease(lake, "night", 300)
+    lease.acquire(lambda _: {"run_id": "night", "attempt": 1, "state": "started"})
+    assert main(["forget", "--user", "u1", "--lake", lake.root]) == EXIT_INCOMPLETE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "incomplete" in err[0] and "night" in err[0]
+    receipt = json.loads(Path(err[0].rsplit("receipt ", 1)[1]).read_text())
+    assert receipt["complete"] is False and receipt["in_flight_runs"] == ["night"]
+    lease.release(state="committed")
+    assert main(["forget", "--user", "u1", "--lake", lake.root]) == 0
+
+
 # ---------------------------------------------------------------------------------------------- the job, models on
 
 TESTS = Path(__file__).resolve().parent

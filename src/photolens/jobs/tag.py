@@ -307,11 +307,15 @@ def _roll_back_run(lake: Lake, run_id: str, lease: RunLease) -> str:
         lease.release(state="committed", recovering=False)
         return "committed"
     undone = []
-    for name in CHILD_TABLES:
-        lease.check()
-        result = lake.rollback(name, app_id, run_id)
-        if result is not None:
-            undone.append(result)
+    if any(lake.needs_rollback(name, app_id) for name in CHILD_TABLES):
+        # Under the commit lock: a rollback restores rows by what the photos table says, which must not
+        # change under it.
+        with _commit_lock(lake, f"rollback of {run_id}", lease.seconds):
+            for name in CHILD_TABLES:
+                lease.check()
+                result = lake.rollback(name, app_id, run_id)
+                if result is not None:
+                    undone.append(result)
     lease.release(state="rolled_back", recovering=False, rolled_back=undone,
                   rolled_back_at=dt.datetime.now(dt.UTC).isoformat())
     return "rolled_back"
@@ -778,10 +782,13 @@ def _run_leased(cfg: TagConfig, s3: S3Settings | None, lake: Lake, lease: RunLea
     run_id, attempt = report.run_id, report.attempt
     app_id = APP_PREFIX + run_id
     # An earlier attempt of this run that died between its commits: undo it before doing the work again.
-    for name in CHILD_TABLES:
-        undone = lake.rollback(name, app_id, run_id)
-        if undone is not None:
-            report.notes.append(f"rolled back attempt {undone['attempt']} of this run from {name} ({undone['how']})")
+    if any(lake.needs_rollback(name, app_id) for name in CHILD_TABLES):
+        with _commit_lock(lake, f"rollback of {run_id}", cfg.lease_seconds):
+            for name in CHILD_TABLES:
+                undone = lake.rollback(name, app_id, run_id)
+                if undone is not None:
+                    report.notes.append(f"rolled back attempt {undone['attempt']} of this run from {name} "
+                                        f"({undone['how']})")
     photos_version_at_plan = lake.version("photos")
     try:
         plan = plan_run(cfg, lake, run_id, attempt, s3)

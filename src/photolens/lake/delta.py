@@ -503,11 +503,10 @@ class Lake:
         None when there was nothing to undo.
         """
         table = self.open(name)
-        if table is None:
+        if table is None or not self.needs_rollback(name, app_id, table):
             return None
         attempt = table.transaction_version(app_id)
-        if attempt is None or (table.transaction_version(app_id + ROLLBACK_SUFFIX) or 0) >= attempt:
-            return None
+        assert attempt is not None
         version = None
         for entry in sorted(table.history(), key=lambda e: -int(e["version"])):
             if entry.get("photolens.app_id") == app_id and entry.get("photolens.attempt", str(attempt)) == str(attempt):
@@ -521,6 +520,14 @@ class Lake:
             return {"table": name, "attempt": attempt, "how": "restore", "to_version": version - 1,
                     "version": table.version()}
         return self._rollback_rows(name, table, run_id, attempt, version, props)
+
+    def needs_rollback(self, name: str, app_id: str, table: DeltaTable | None = None) -> bool:
+        """Whether ``app_id`` committed to ``name`` in an attempt that was not rolled back since."""
+        table = table if table is not None else self.open(name)
+        if table is None:
+            return False
+        attempt = table.transaction_version(app_id)
+        return attempt is not None and (table.transaction_version(app_id + ROLLBACK_SUFFIX) or 0) < attempt
 
     def _rollback_rows(self, name: str, table: DeltaTable, run_id: str, attempt: int, version: int | None,
                        props: CommitProperties) -> dict[str, Any]:

@@ -187,12 +187,21 @@ class RunLease:
                 raise LeaseLostError(self.lost)
             assert self.doc is not None and self.etag is not None, "acquire() first"
             new = {**self.doc, **changes, "lease": self._lease_fields(released)}
-            try:
-                etag = self.lake.put_json_conditional(self.uri, new, if_match=self.etag)
-            except PreconditionFailedError:
-                self.lost = (f"run {self.run_id}: another driver took over its ledger (this driver's lease ran "
-                             "out unrenewed); this driver must not commit")
-                raise LeaseLostError(self.lost) from None
+            for _ in range(2):
+                try:
+                    etag = self.lake.put_json_conditional(self.uri, new, if_match=self.etag)
+                    break
+                except PreconditionFailedError:
+                    # A write of ours that landed although its answer was lost (a timeout) also moves the
+                    # version: the document is still ours if it carries our owner token.
+                    current = self.lake.get_json_versioned(self.uri)
+                    if current is None or (current[0].get("lease") or {}).get("owner") != self.holder.owner:
+                        self.lost = (f"run {self.run_id}: another driver took over its ledger (this driver's "
+                                     "lease ran out unrenewed); this driver must not commit")
+                        raise LeaseLostError(self.lost) from None
+                    self.etag = current[1]
+            else:
+                raise LeaseLostError(f"run {self.run_id}: its ledger keeps changing under this driver")
             self.doc, self.etag = new, etag
             return new
 
