@@ -143,7 +143,8 @@ def landmark_pair_scores(names: Sequence[str]) -> tuple[list[float], list[float]
     emb = LandmarkEmbedder.from_mobilenet_v2(_weights()).embed([read_rgb(DATA / "photos" / n) for n in names])
     sim = emb @ emb.T
     same = {frozenset(p) for p in SAME_PLACE}
-    pos, neg = [], []
+    pos: list[float] = []
+    neg: list[float] = []
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             (pos if frozenset((names[i], names[j])) in same else neg).append(float(sim[i, j]))

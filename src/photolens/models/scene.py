@@ -182,7 +182,7 @@ def load_places365_model(path: str | Path, arch: str | None = None) -> tuple[nn.
     """A CSAIL Places365 checkpoint as a torchvision model: ``(model, arch, number of classes)``."""
     state, meta = read_state_dict(path)
     arch = arch or meta.get("arch")
-    if arch not in PLACES365_ARCHS:
+    if not isinstance(arch, str) or arch not in PLACES365_ARCHS:
         raise SceneCheckpointError(
             f"checkpoint {path}: architecture {arch!r} is not supported (supported: {sorted(PLACES365_ARCHS)}; "
             "densenet161 and wideresnet18 CSAIL checkpoints use their own layer names)")

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 SCENE_MAPPING_PATH = Path(__file__).with_name("scene_mapping.json")
 
@@ -66,11 +67,11 @@ class SceneMapping:
             raise SceneMappingError(f"fine scene label {fine!r} is not in the scene mapping") from None
 
 
-def parse_scene_mapping(doc: Mapping[str, object]) -> SceneMapping:
+def parse_scene_mapping(doc: Mapping[str, Any]) -> SceneMapping:
     """Build and check a :class:`SceneMapping` from the JSON document."""
-    coarse = tuple(doc["coarse_labels"])  # type: ignore[arg-type]
+    coarse: tuple[str, ...] = tuple(doc["coarse_labels"])
     fine_to_coarse: dict[str, str] = {}
-    for c, fines in doc["coarse_to_fine"].items():  # type: ignore[attr-defined]
+    for c, fines in doc["coarse_to_fine"].items():
         if c not in coarse:
             raise SceneMappingError(f"coarse_to_fine uses undeclared coarse label {c!r}")
         for f in fines:
@@ -79,7 +80,7 @@ def parse_scene_mapping(doc: Mapping[str, object]) -> SceneMapping:
             fine_to_coarse[f] = c
     imagenet_to_fine: dict[int, str] = {}
     imagenet_names: dict[int, str] = {}
-    for key, (name, fine) in doc["imagenet_to_fine"].items():  # type: ignore[attr-defined]
+    for key, (name, fine) in doc["imagenet_to_fine"].items():
         idx = int(key)
         if not 0 <= idx < 1000:
             raise SceneMappingError(f"ImageNet index {idx} out of range")
@@ -87,14 +88,13 @@ def parse_scene_mapping(doc: Mapping[str, object]) -> SceneMapping:
             raise SceneMappingError(f"ImageNet class {idx} ({name}) maps to unknown fine label {fine!r}")
         imagenet_to_fine[idx] = fine
         imagenet_names[idx] = name
-    places = tuple(doc["places365_categories"])  # type: ignore[arg-type]
+    places: tuple[str, ...] = tuple(doc["places365_categories"])
     if len(places) != 365 or len(set(places)) != 365:
         raise SceneMappingError(f"places365_categories must list 365 distinct names, got {len(places)}")
     unmapped = [p for p in places if places_fine_label(p) not in fine_to_coarse]
     if unmapped:
         raise SceneMappingError(f"Places365 categories without a coarse label: {unmapped[:5]}")
-    return SceneMapping(int(doc["schema_version"]), coarse, fine_to_coarse, imagenet_to_fine,  # type: ignore[call-overload]
-                        imagenet_names, places)
+    return SceneMapping(int(doc["schema_version"]), coarse, fine_to_coarse, imagenet_to_fine, imagenet_names, places)
 
 
 @lru_cache(maxsize=4)
