@@ -331,3 +331,21 @@ def test_vectorised_nms_gives_the_same_faces_on_real_photos(
             same += bool(np.abs(box - ref.boxes[best]).max() < 1e-4)
     assert faces >= 19  # 12 portraits, the couple, the selfie's five
     assert same >= faces - 2
+
+
+def test_bf16_channels_last_keeps_the_faces(
+    photos: dict[str, np.ndarray], detections: dict[str, FaceDetections]
+) -> None:
+    """bf16 autocast (P-/R-Net; O-Net stays float32, see MTCNN.__init__) with channels_last, on the
+    CPU: same faces, boxes IoU > 0.9 against float32 (seen >= 0.93), scores within 0.01."""
+    names = ["img1.jpg", "img11.jpg", "img30.jpg", "couple.jpg", "selfie-many-people.jpg", "dog.jpg"]
+    fast = MTCNN.from_files(*mtcnn_weight_paths(), dtype=torch.bfloat16, channels_last=True)
+    for name, quick in zip(names, fast.detect([photos[n] for n in names]), strict=True):
+        ref = detections[name]
+        assert len(quick) == len(ref), name
+        for box, score in zip(ref.boxes, ref.scores, strict=True):
+            j = int(np.argmax([_iou(box, other) for other in quick.boxes]))
+            assert _iou(box, quick.boxes[j]) > 0.9, name
+            assert abs(float(score) - float(quick.scores[j])) < 0.01, name
+    with pytest.raises(ValueError, match="dtype"):
+        MTCNN.from_files(*mtcnn_weight_paths(), dtype=torch.int8)
