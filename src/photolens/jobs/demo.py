@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import struct
 import sys
 import tarfile
@@ -215,7 +216,7 @@ def _stderr_to(path: Path) -> Iterator[None]:
     lines (actor-restart advice and the like) straight to it, past Python's logging."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with path.open("ab") as log:
+    with path.open("wb") as log:
         os.dup2(log.fileno(), 2)
         try:
             yield
@@ -265,17 +266,13 @@ def print_preferences(lake: str, storage_options: dict[str, str] | None) -> None
         print(f"  top interests of {user}: {top or '(none: no public photos with tags)'}")
 
 
-def _write_friends(lake: Any) -> None:
-    import pyarrow as pa
+def _import_friends(lake_uri: str, folder: Path) -> dict[str, Any]:
+    """The friend graph as an app exports it (a CSV), through ``photolens friends import``."""
+    from photolens.jobs.friends import FriendsConfig, import_friends
 
-    try:
-        from photolens.jobs.friends import write_friends  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        # No friends job in this checkout: one append through the lake, the same Delta table it writes.
-        lake.append("friends", pa.Table.from_pylist([{"user_id": a, "friend_id": b} for a, b in FRIENDS]),
-                    app_id="photolens.demo/friends")
-    else:
-        write_friends(lake, FRIENDS)
+    path = folder / "friends.csv"
+    path.write_text("user_id,friend_id\n" + "".join(f"{a},{b}\n" for a, b in FRIENDS), encoding="utf-8")
+    return import_friends(FriendsConfig(lake=lake_uri, source=str(path), format="csv"))
 
 
 def _training_padding(n: int) -> Any:
@@ -286,7 +283,7 @@ def _training_padding(n: int) -> Any:
     return make_identities(max(1, n // 3), 3, seed=11).embeddings
 
 
-def face_journey(lake_uri: str, index_store: str, photos: PhotoStore, tag: Any) -> dict[str, Any]:
+def face_journey(lake_uri: str, index_store: str, photos: PhotoStore, tag: Any, workdir: Path) -> dict[str, Any]:
     """Templates -> friends -> index -> forget joe -> night 2 with a group photo -> suggestions."""
     from photolens.jobs.forget import ForgetConfig, forget_user
     from photolens.jobs.index import IndexBuildConfig, build_face_index
@@ -298,15 +295,15 @@ def face_journey(lake_uri: str, index_store: str, photos: PhotoStore, tag: Any) 
     print("\n== faces: owner templates, face index, forget, suggestions")
     augmented = [p.key.removeprefix("users/") for p in SAMPLE_PHOTOS if p.augment]
     print("  profile photos: barack has two real photos (obama.jpg, obama2.jpg); ada, grace and joe have one "
-          "each,\n  so their second 'session' is made from it: " + ", ".join(augmented))
+          "each,\n  so their second 'session' is made from it:\n    " + ", ".join(augmented))
     t = build_templates(TemplatesConfig(lake=lake_uri, run_id="demo-templates"))
     rows = lake.read("templates", ["user_id", "status", "reason", "n_profile_photos", "n_members"]).to_pylist()
     print(f"templates: {t['ok']} ok of {t['users']} users -> restricted table {lake.table_uri('templates')}")
     for r in sorted(rows, key=lambda r: r["user_id"]):
         state = f"{r['n_members']} vectors" if r["status"] == "ok" else f"none ({r['reason']})"
         print(f"  {r['user_id']:<7} {r['n_profile_photos']} profile photos -> {state}")
-    _write_friends(lake)
-    print("friends: " + ", ".join(f"{a}-{b}" for a, b in FRIENDS))
+    f = _import_friends(lake_uri, workdir)
+    print(f"friends import: {f['pairs_added']} pairs (" + ", ".join(f"{a}-{b}" for a, b in FRIENDS) + ")")
     padding = _training_padding(300)
     built = build_face_index(IndexBuildConfig(lake=lake_uri, index_store=index_store, publish=True,
                                               run_id="demo-index", n_eval_queries=50), extra_training=padding)
@@ -356,6 +353,11 @@ def run_demo(workdir: Path, use_s3: bool = True, keep: bool = False) -> int:
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # Every run tells the story from the start: the demo's fixed run ids would otherwise find night 1,
+    # the templates and the forget already committed by the previous run.
+    for sub in ("seaweedfs", "lake", "index", "photos"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    (workdir / "demo_summary.json").unlink(missing_ok=True)
     _sdist_image(GROUP_SOURCES[0])  # fails here, before anything starts, when the face photos are missing
     store = ModelStore(str(workdir / "models"))
     installed = store.install()
@@ -390,7 +392,7 @@ def run_demo(workdir: Path, use_s3: bool = True, keep: bool = False) -> int:
         print(tag("demo-night-1").render())
         lake_obj = Lake(lake)
         print_queries(lake_obj.root, lake_obj.storage_options())
-        summary = face_journey(lake, index_store, photos, tag)
+        summary = face_journey(lake, index_store, photos, tag, workdir)
         # After night 2: the snapshot covers every photo the tables hold now.
         print_preferences(lake, lake_obj.storage_options())
         (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
@@ -407,4 +409,5 @@ def run_demo(workdir: Path, use_s3: bool = True, keep: bool = False) -> int:
 
 def summary_of(workdir: Path) -> Mapping[str, Any]:
     """The summary a finished demo left in its work folder."""
-    return json.loads((workdir / "demo_summary.json").read_text(encoding="utf-8"))
+    summary: Mapping[str, Any] = json.loads((workdir / "demo_summary.json").read_text(encoding="utf-8"))
+    return summary
