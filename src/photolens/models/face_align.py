@@ -246,6 +246,8 @@ def align(image: np.ndarray, points: np.ndarray, template: str | FaceTemplate = 
 _MAX_TAPS = 16
 # Variance (source px^2) the bilinear fetch of each tap adds: the tent of one pixel has 1/6.
 _TENT_VARIANCE = 1.0 / 6.0
+# Bilinear samples per grid_sample call: bounds the grid and output held at once (~200 MB).
+_SAMPLES_PER_CALL = 1 << 23
 
 
 def alignment_transforms_torch(points: torch.Tensor, template: str | FaceTemplate = "dlib150") -> torch.Tensor:
@@ -371,23 +373,30 @@ def align_batch_torch(
     src = torch.einsum("nij,npj->npi", inv, chip_xy.expand(n, -1, -1)) + inv_t[:, None, :]  # (n, S*S, 2)
     # The filter runs along the photo's axes (cv2 area-resizes on the photo's grid).
     tap = offsets[None, :] * w_eff[:, None]  # (n, k) source-pixel offsets
-    xs = src[:, :, None, 0] + tap[:, None, :]  # (n, S*S, k)
-    photo_w = dims[owner, 0][:, None, None]
-    photo_h = dims[owner, 1][:, None, None]
-    x_ok = (xs > -0.5) & (xs < photo_w + 0.5)
-    # grid_sample, align_corners=False: -1 and +1 are the outer edges of the canvas.
-    gx = (xs * (2.0 / canvas_w) - 1.0).to(torch.float32)
-    acc = torch.zeros((channels, n * size * size), dtype=torch.float32, device=device)
+    photo_top, photo_w, photo_h = top[owner], dims[owner, 0], dims[owner, 1]
     canvas_h = canvas.shape[2]
-    for i in range(taps):
-        ys = src[:, :, None, 1] + tap[:, i, None, None]  # (n, S*S, 1)
-        ok = (x_ok & (ys > -0.5) & (ys < photo_h + 0.5)).to(torch.float32)
-        gy = ((ys + top[owner][:, None, None]) * (2.0 / canvas_h) - 1.0).to(torch.float32).expand_as(gx)
-        grid = torch.stack([gx, gy], dim=-1).reshape(1, n * size * size, taps, 2)
-        sample = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        # (1, C, n*S*S, k) → weighted sum over the row of taps, zero weight outside the photo.
-        acc += weights[i] * (sample[0] * (ok.reshape(1, n * size * size, taps) * weights)).sum(dim=2)
-    chips = acc.reshape(channels, n, size, size).permute(1, 2, 3, 0)
+    pixels = size * size
+    out = torch.empty((n, channels, pixels), dtype=torch.float32, device=device)
+    per_call = max(1, _SAMPLES_PER_CALL // (pixels * taps))
+    for lo in range(0, n, per_call):
+        faces = slice(lo, min(n, lo + per_call))
+        m = faces.stop - faces.start
+        xs = src[faces, :, None, 0] + tap[faces, None, :]  # (m, S*S, k)
+        # A tap more than half a pixel outside its photo reads only zeros there (cv2's black
+        # border); sent off the canvas, it reads grid_sample's zero padding instead of a neighbour.
+        x_out = (xs <= -0.5) | (xs >= photo_w[faces, None, None] + 0.5)
+        # grid_sample, align_corners=False: -1 and +1 are the outer edges of the canvas.
+        gx = torch.where(x_out, -2.0, xs * (2.0 / canvas_w) - 1.0).to(torch.float32)
+        acc = torch.zeros((channels, m * pixels), dtype=torch.float32, device=device)
+        for i in range(taps):
+            ys = src[faces, :, None, 1] + tap[faces, i, None, None]  # (m, S*S, 1)
+            y_out = (ys <= -0.5) | (ys >= photo_h[faces, None, None] + 0.5)
+            gy = torch.where(y_out, -2.0, (ys + photo_top[faces, None, None]) * (2.0 / canvas_h) - 1.0)
+            grid = torch.stack([gx, gy.to(torch.float32).expand_as(gx)], dim=-1).reshape(1, m * pixels, taps, 2)
+            sample = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            acc += weights[i] * (sample[0] @ weights)  # (C, m*S*S): one row of taps, weighted
+        out[faces] = acc.reshape(channels, m, pixels).permute(1, 0, 2)
+    chips = out.reshape(n, channels, size, size).permute(0, 2, 3, 1)
     chips = chips.round_().clamp_(0, 255).to(torch.uint8)
     return chips[..., 0].contiguous() if grey else chips.contiguous()
 
