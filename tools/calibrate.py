@@ -29,7 +29,7 @@ import csv
 import itertools
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -243,8 +243,11 @@ PARTS: Final = ("scene", "landmark", "face_align")
 def fit_all(parts: Sequence[str] = PARTS) -> dict[str, Any]:
     """The calibration document, or the named parts of it."""
     split = load_split()
-    fits = {"scene": lambda: calibrate_scene(split), "landmark": lambda: calibrate_landmark(split),
-            "face_align": lambda: {"dlib150": fit_dlib150(split["faces/deepface"]["calibration"])}}
+    fits: dict[str, Callable[[], dict[str, Any]]] = {
+        "scene": lambda: calibrate_scene(split),
+        "landmark": lambda: calibrate_landmark(split),
+        "face_align": lambda: {"dlib150": fit_dlib150(split["faces/deepface"]["calibration"])},
+    }
     doc: dict[str, Any] = {
         "about": "written by tools/calibrate.py; do not edit by hand (tests/test_calibration.py checks it)",
         "split": str(SPLIT_PATH.relative_to(ROOT)),

@@ -156,7 +156,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) ->
 
 def load_mobilenet_v2(path: str | Path) -> nn.Module:
     """torchvision's MobileNetV2 with the ImageNet weights of ``path`` (eval mode, CPU)."""
-    model = torchvision.models.mobilenet_v2(weights=None)
+    model: nn.Module = torchvision.models.mobilenet_v2(weights=None)
     state, _ = read_state_dict(path)
     load_into(model, state, f"MobileNetV2 checkpoint {path}")
     return model.eval()
@@ -219,12 +219,14 @@ def resize_for_classifier(image: np.ndarray, mode: str, device: torch.device) ->
     if not image.flags.writeable:  # arrays over PIL buffers are read-only; torch wants writable memory
         image = image.copy()
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device, non_blocking=True)
+    out: torch.Tensor
     if mode == "center_crop":
-        x = TF.resize(x, [256], antialias=True)
-        return TF.center_crop(x, [224, 224])
-    if mode == "square":
-        return TF.resize(x, [224, 224], antialias=True)
-    raise ValueError(f"unknown resize mode {mode!r}")
+        out = TF.center_crop(TF.resize(x, [256], antialias=True), [224, 224])
+    elif mode == "square":
+        out = TF.resize(x, [224, 224], antialias=True)
+    else:
+        raise ValueError(f"unknown resize mode {mode!r}")
+    return out
 
 
 # ------------------------------------------------------------------------------------ classifier
