@@ -212,6 +212,18 @@ def test_truncated_jpeg_stays_off_the_device_and_fails_through_the_fallback() ->
     assert (out["status"][1], out["error_code"][1]) == (Status.ERROR.value, ErrorCode.TRUNCATED.value)
 
 
+def test_truncation_check_is_not_fooled_by_markers_inside_a_header_segment() -> None:
+    # An embedded thumbnail (EXIF's APP1, here an APP2 for simplicity) has its own SOS and EOI.
+    data = jpeg_bytes()
+    thumbnail = b"\xff\xd8\xff\xda\x00\x02" + bytes(32) + b"\xff\xd9"
+    app2 = b"\xff\xe2" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    with_thumb = data[:2] + app2 + data[2:]
+    assert decode_photo(with_thumb, HEADER).pixels_deferred
+    cut = with_thumb[: len(with_thumb) // 2]
+    assert cut.rfind(b"\xff\xd9") > cut.find(b"\xff\xda")  # a naive search would pass it
+    assert_error_row(decode_photo(cut, HEADER), ErrorCode.TRUNCATED)
+
+
 def test_header_mode_keeps_odd_jpegs_on_the_cpu(tmp_path: Path) -> None:
     cmyk = encode(Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG", quality=95)
     first = Image.fromarray(noise(48, 64))
@@ -285,8 +297,8 @@ def test_cuda_decode_matches_the_cpu_decode() -> None:
 def test_cuda_bad_rows_fall_back_to_error_rows() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    # Only bytes that pass the header: a cut JPEG never gets here (nvJPEG may fill a cut scan
-    # instead of failing, which is why the header check keeps those on the CPU).
+    # Only bytes that pass the header: a cut JPEG never gets here (nothing promises that nvJPEG
+    # refuses a cut scan as libjpeg does, which is why the header check keeps those on the CPU).
     good = jpeg_bytes(1)
     batch = _header_batch([good, _bad_dht_jpeg(), good])
     images, out = finish_on_device(batch, HEADER, "cuda")

@@ -554,10 +554,10 @@ def _deferred(
 def _device_decodable(img: Image.ImageFile.ImageFile, fmt: str, n_frames: int, data: bytes) -> bool:
     """Whether header mode may hand these bytes to a device decoder instead of decoding them here.
 
-    Conservative on purpose: a device decoder may be more lenient than libjpeg (nvJPEG fills a cut
-    scan rather than failing), so anything that Pillow would reject while decoding and that the
-    header can show (no end-of-image marker after the scan) stays on the CPU, where it becomes the
-    usual error row.
+    Conservative on purpose: nothing guarantees that a device decoder fails where libjpeg does
+    (libjpeg-turbo through torchvision refuses a cut scan; how nvJPEG treats one is its own
+    business), so anything that Pillow would reject while decoding and that the header can show
+    (no end-of-image marker after the scan) stays on the CPU, where it becomes the usual error row.
     """
     if fmt not in DEVICE_FORMATS or n_frames != 1 or img.mode not in _DEVICE_MODES:
         return False
