@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tag_args(p)
     p.set_defaults(handler=cmd_tag)
 
-    p = sub.add_parser("demo", help="run the tagging job on an embedded object store seeded with sample photos")
+    p = sub.add_parser("demo", help="two tagging nights and the face jobs (templates, index, forget, suggest) on an "
+                                    "embedded object store seeded with sample photos")
     p.add_argument("--workdir", default=".photolens/demo", help="where the demo keeps its store and lake")
     p.add_argument("--folder", action="store_true", help="use a local folder instead of the embedded S3 store")
     p.add_argument("--keep", action="store_true", help="keep the object store running until Ctrl-C")
