@@ -228,3 +228,26 @@ def test_vacuum_keeps_the_files_of_a_run_whose_driver_holds_its_lease(tmp_path: 
     out = vacuum(VacuumConfig(lake=lake.root, older_than_hours=0))
     assert out["tables"]["photos"]["orphans_removed"] == len(staged)
     assert _active(lake, "photos") == _parquet_on_disk(lake, "photos")
+
+
+@pytest.mark.s3
+def test_vacuum_on_an_object_store(local_s3: Any) -> None:
+    local_s3.create_bucket("vacuum-lake")
+    lake = Lake("s3://vacuum-lake/lake")
+    lake.append("photos", _photos_rows(range(4), "earlier"))
+    lake.append("faces", _faces_rows(range(4)))
+    committed = {n: _active(lake, n) for n in ("photos", "faces")}
+    orphans = lake.stage("faces", _faces_rows(range(4, 8)), "lost-run-000000000000")
+    fs, root = filesystem_for(lake.table_uri("faces"), None)
+    assert fs.get_file_info(f"{root}/{orphans[0].path}").size == orphans[0].size
+
+    kept = vacuum(VacuumConfig(lake=lake.root))  # within the lease expiry: nothing goes
+    assert kept["tables"]["faces"]["orphans_removed"] == 0 and kept["tables"]["faces"]["kept_younger_than_lease"] == 1
+    out = vacuum(VacuumConfig(lake=lake.root, older_than_hours=0))
+    assert out["tables"]["faces"]["orphans_removed"] == 1 and out["tables"]["photos"]["orphans_removed"] == 0
+    from pyarrow.fs import FileSelector, FileType
+
+    on_store = {i.path[len(root):].lstrip("/") for i in fs.get_file_info(FileSelector(root, recursive=True))
+                if i.type == FileType.File and i.path.endswith(".parquet") and "_delta_log" not in i.path}
+    assert on_store == committed["faces"] and _active(lake, "photos") == committed["photos"]
+    assert lake.read("faces").num_rows == 4
