@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -292,6 +293,7 @@ class Setup:
     model_store: str
     ref: Tables
     tmp: Path
+    ref_lake: str
 
     def args(self, lake: str, run_id: str, *extra: str) -> list[str]:
         return ["--photos", self.photos, "--lake", lake, "--stages", STAGES, "--model-store", self.model_store,
@@ -309,13 +311,13 @@ def setup(shared_data: Path, model_store: str, tmp_path_factory: pytest.TempPath
         dst = root / "users" / f"u{i % 2 + 1}" / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
-    s = Setup(str(root / "users"), model_store, Tables(set(), [], []), tmp)
     ref_lake = str(tmp / "ref-lake")
+    s = Setup(str(root / "users"), model_store, Tables(set(), [], []), tmp, ref_lake)
     report = _ok(_tag(s.args(ref_lake, "ref")))
     assert report["status"] == "committed" and report["n_todo"] == len(NAMES)
     ref = _tables(Lake(ref_lake))
     assert ref.detections and ref.faces and len(ref.photos) == len(NAMES)  # child tables are not empty
-    return Setup(s.photos, model_store, ref, tmp)
+    return Setup(s.photos, model_store, ref, tmp, ref_lake)
 
 
 @pytest.mark.slow
@@ -372,8 +374,8 @@ def test_two_runs_over_the_same_photos_at_once_lose_and_double_nothing(setup: Se
 @pytest.mark.slow
 def test_reprocess_crashed_between_commits_then_rerun_keeps_old_rows(setup: Setup) -> None:
     lake_uri = str(setup.tmp / "reprocess")
+    shutil.copytree(setup.ref_lake, lake_uri)  # night 1: the reference run, committed
     lake = Lake(lake_uri)
-    _ok(_tag(setup.args(lake_uri, "n1")))
     _assert_same(lake, setup.ref)
     old = (lake.read("detections").num_rows, lake.read("faces").num_rows)
     crashed = _tag(setup.args(lake_uri, "n2", "--reprocess", "all"), _env(PHOTOLENS_FAULT="crash_before_commit=photos"))
@@ -387,8 +389,8 @@ def test_reprocess_crashed_between_commits_then_rerun_keeps_old_rows(setup: Setu
     assert (lake.get_json(lake.meta_uri("runs", "n2.json")) or {})["state"] == "rolled_back"
     _assert_same(lake, setup.ref)
     assert (lake.read("detections").num_rows, lake.read("faces").num_rows) == old
-    assert set(lake.read("detections").column("run_id").to_pylist()) == {"n1"}
-    assert set(lake.read("faces").column("run_id").to_pylist()) == {"n1"}
+    assert set(lake.read("detections").column("run_id").to_pylist()) == {"ref"}
+    assert set(lake.read("faces").column("run_id").to_pylist()) == {"ref"}
 
 
 @pytest.mark.slow
