@@ -13,6 +13,11 @@ Same working image as the CPU path, up to the decoders: target size by
 bicubic (Pillow's BICUBIC, which the CPU path uses after libjpeg's DCT-domain reduction), then turned
 by the orientation table of ``ImageOps.exif_transpose``. ``device="cpu"`` runs the same code through
 libjpeg-turbo, which is how the tests pin the behaviour without a GPU.
+
+The device decode has no time limit of its own (a CUDA kernel cannot be abandoned the way the CPU
+decode thread is): its work is bounded by the header's pixel limit (``max_pixels``) instead, and the
+CPU fallback keeps ``time_limit_s``. Failures of the decoder on a whole batch (a bad row, or the device
+out of memory) retry row by row, and only the rows that still fail go to the CPU.
 """
 
 from __future__ import annotations
