@@ -214,6 +214,16 @@ def test_forget_with_work_pending_exits_non_zero(tmp_path: Path, capsys: pytest.
     assert main(["forget", "--user", "u1", "--lake", lake.root]) == 0
 
 
+@pytest.mark.parametrize(("field", "value", "flag"), [("lease_seconds", 1.0, "--lease-seconds"),
+                                                       ("max_error_rate", 1.5, "--max-error-rate"),
+                                                       ("max_error_rate", -0.1, "--max-error-rate")])
+def test_bad_lease_or_budget_fails_at_start(tmp_path: Path, field: str, value: float, flag: str) -> None:
+    from photolens.jobs.tag import ConfigError, TagConfig
+
+    with pytest.raises(ConfigError, match=flag):
+        TagConfig(photos=str(tmp_path), lake=str(tmp_path / "lake"), **{field: value}).validate()
+
+
 # ---------------------------------------------------------------------------------------------- the job, models on
 
 TESTS = Path(__file__).resolve().parent
