@@ -57,8 +57,9 @@ def main() -> int:
     ray.init(address=cluster.address, log_to_driver=False)
 
     lake = Lake(args.lake)
+    # rows_per_file=2: one staged file per 2-photo batch, so the kill comes with most of the run still to write.
     cfg = TagConfig(photos=args.photos, lake=args.lake, run_id=args.run_id, stages=("decode",), batch_size=2,
-                    progress=False, fetch_base_delay_s=0.01, cpu_actors=2, max_actors=2)
+                    rows_per_file=2, progress=False, fetch_base_delay_s=0.01, cpu_actors=2, max_actors=2)
     killed: dict[str, Any] = {}
     stop = threading.Event()
 
