@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -15,24 +18,62 @@ from nbclient import NotebookClient
 
 from photolens.jobs.demo import summary_of
 from photolens.lake.delta import Lake
+from photolens.lake.seaweed import LocalS3
+from photolens.lake.storage import reset_s3_settings
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 pytestmark = pytest.mark.slow
 
 
+LAKE = "s3://lake/demo"
+READY = "object store still running at "
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    # A subprocess: the demo starts its own object store and Ray, and must not disturb the session's.
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """The demo as `make demo` runs it, on its embedded SeaweedFS; ``--keep`` leaves the store up (the demo
+    waits for Ctrl-C) so the tests read the same tables, and the store ends with the module."""
     workdir = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "photolens.cli", "demo", "--workdir", str(workdir), "--folder"],
-                         env=env, capture_output=True, text=True, timeout=1200, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return workdir, out.stdout
+    # A subprocess: the demo starts its own object store and Ray, and must not disturb the session's.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    with (workdir / "stderr.log").open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "photolens.cli", "demo", "--workdir", str(workdir), "--keep"],
+                                env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(READY):
+                ready.set()
+        ready.set()  # the demo ended (a failure: with --keep it only ends on Ctrl-C)
+
+    threading.Thread(target=read, daemon=True).start()
+    patch = pytest.MonkeyPatch()
+    try:
+        ready.wait(timeout=850)
+        stdout = "".join(lines)
+        assert proc.poll() is None and READY in stdout, (stdout[-2000:], (workdir / "stderr.log").read_text()[-3000:])
+        endpoint = stdout.split(READY, 1)[1].split(";", 1)[0]
+        for k, v in {**LocalS3(workdir / "seaweedfs").env(), "AWS_ENDPOINT_URL": endpoint,
+                     "PHOTOLENS_S3_ENDPOINT": endpoint}.items():
+            patch.setenv(k, v)
+        reset_s3_settings()
+        yield workdir, stdout.split(f"\n{READY}", 1)[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        patch.undo()
+        reset_s3_settings()
 
 
 def test_demo_prints_a_report_with_real_tags(demo: tuple[Path, str]) -> None:
-    workdir, stdout = demo
+    _, stdout = demo
     assert "committed (attempt 1)" in stdout
     assert "errors by code:" in stdout
     for code in ("EMPTY_FILE", "DECOMPRESSION_BOMB", "TRUNCATED"):
@@ -41,7 +82,7 @@ def test_demo_prints_a_report_with_real_tags(demo: tuple[Path, str]) -> None:
     # A short readable report: Ray's own lines go to a log file, not into it.
     assert len(stdout.splitlines()) < 120
     assert "WARNING" not in stdout
-    lake = Lake(str(workdir / "lake"))
+    lake = Lake(LAKE)
     photos = {r["uri"].rsplit("/", 1)[-1]: r for r in lake.read("photos").to_pylist()}
     # 20 files on night 1 + the group photo on night 2, less joe's two profile photos (forgotten)
     assert len(photos) == 19
@@ -60,8 +101,7 @@ def test_demo_prints_a_report_with_real_tags(demo: tuple[Path, str]) -> None:
 
 
 def test_suggestions_on_the_group_photo_name_the_right_friend(demo: tuple[Path, str]) -> None:
-    workdir, _ = demo
-    lake = Lake(str(workdir / "lake"))
+    lake = Lake(LAKE)
     group = next(r for r in lake.read("photos").to_pylist() if r["uri"].endswith("/group_photo.jpg"))
     assert group["n_faces"] == 2
     suggestions = lake.read("suggestions").to_pylist()
@@ -82,7 +122,7 @@ def test_suggestions_on_the_group_photo_name_the_right_friend(demo: tuple[Path, 
 
 def test_forget_receipt_is_complete(demo: tuple[Path, str]) -> None:
     workdir, stdout = demo
-    lake = Lake(str(workdir / "lake"))
+    lake = Lake(LAKE)
     receipt = summary_of(workdir)["receipt"]
     assert receipt == lake.get_json(receipt["receipt_uri"])  # the stored receipt is the one reported
     assert receipt["user_id"] == "joe" and receipt["complete"] is True and receipt["pending"] == []
@@ -102,7 +142,8 @@ def test_forget_receipt_is_complete(demo: tuple[Path, str]) -> None:
 @pytest.mark.parametrize("name", ["analyst.ipynb", "run_report.ipynb"])
 def test_notebooks_run_on_the_demo_tables(demo: tuple[Path, str], name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     workdir, _ = demo
-    monkeypatch.setenv("PHOTOLENS_LAKE", str(workdir / "lake"))
+    monkeypatch.setenv("PHOTOLENS_LAKE", LAKE)
+    monkeypatch.setenv("PHOTOLENS_STORAGE_OPTIONS", json.dumps(Lake(LAKE).storage_options()))
     monkeypatch.setenv("PHOTOLENS_FIGURES", str(workdir / "figures"))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
