@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -21,18 +20,6 @@ SPLIT: dict[str, dict[str, list[str]]] = {
 def split_files(folder: str, half: str = "evaluation") -> list[str]:
     """File names of one half (``calibration`` or ``evaluation``) of ``folder`` (``photos``, ``faces/deepface``)."""
     return list(SPLIT[folder][half])
-
-
-def evaluation_pairs(half: str = "evaluation") -> list[tuple[str, str, bool]]:
-    """deepface ``master.csv`` pairs ``(file_x, file_y, same person)`` with both photos in ``half``."""
-    path = DATA / "faces" / "deepface" / "master.csv"
-    if not path.is_file():
-        pytest.skip(f"test photos missing: {path} (see ../shared/data/README.md)")
-    keep = set(split_files("faces/deepface", half))
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [(r["file_x"].rsplit("/", 1)[-1], r["file_y"].rsplit("/", 1)[-1], r["Decision"].strip() == "Yes")
-                for r in csv.DictReader(f)]
-    return [r for r in rows if r[0] in keep and r[1] in keep]
 
 
 def packaged_weight(model: str, filename: str) -> Path:
