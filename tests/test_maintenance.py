@@ -251,3 +251,21 @@ def test_vacuum_on_an_object_store(local_s3: Any) -> None:
                 if i.type == FileType.File and i.path.endswith(".parquet") and "_delta_log" not in i.path}
     assert on_store == committed["faces"] and _active(lake, "photos") == committed["photos"]
     assert lake.read("faces").num_rows == 4
+
+
+def test_vacuum_reads_checkpoints_once_old_log_entries_are_gone(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path / "lake"))
+    for start in range(0, 12, 4):
+        lake.append("photos", _photos_rows(range(start, start + 4), f"r{start}"))
+    table = lake.open("photos")
+    assert table is not None
+    table.create_checkpoint()
+    log = Path(lake.table_uri("photos")) / "_delta_log"
+    for entry in sorted(log.glob("*.json"))[:-1]:  # log cleanup: only the checkpoint names the first files now
+        entry.unlink()
+    committed = _active(lake, "photos")
+    orphans = lake.stage("photos", _photos_rows(range(20, 22), "gone"), "gone-000000000000")
+    out = vacuum(VacuumConfig(lake=lake.root, older_than_hours=0))
+    assert out["tables"]["photos"]["orphans_removed"] == len(orphans)
+    assert _parquet_on_disk(lake, "photos") == committed == _active(lake, "photos")
+    assert lake.read("photos").num_rows == 12
