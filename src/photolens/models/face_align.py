@@ -314,13 +314,14 @@ def align_batch_torch(
     How it matches :func:`_warp_one` without a per-face step: that function area-downsamples the face
     by the chip scale s (< 1) and then samples bilinearly, i.e. filters the photo with a box of width
     w = 1/s and then a tent of width w. Here every chip pixel averages k x k bilinear taps laid out
-    over that box-then-tent (a quadratic B-spline of support 3w; the weights are shared by all faces
-    because the tap positions scale with each face's own w), k set by the largest w in the batch; the
-    taps of a magnified face (w <= 1) collapse onto one point: plain bilinear, as in cv2.
+    over that box-then-tent (a quadratic B-spline of support 3w; the tap positions scale with each
+    face's own w, so faces with the same k share the weights and one call), k = ceil(3w) up to 16;
+    a magnified face (w <= 1) gets one tap: plain bilinear, as in cv2.
 
     The photos that hold faces are stacked into one tall canvas with a zero row between them, and a
     tap that falls more than half a pixel outside its own photo is weighted zero, so each face sees
-    only its photo and black around it, in one ``grid_sample`` per row of taps for all faces.
+    only its photo and black around it, in one ``grid_sample`` per row of taps for all faces that
+    have that many taps.
     """
     t = _get_template(template)
     items, grey = _as_list(images)
@@ -361,41 +362,49 @@ def align_batch_torch(
     w = 1.0 / torch.sqrt(torch.abs(torch.linalg.det(lin)))
     # Each tap's bilinear fetch blurs by a tent of its own: narrow the B-spline to make up for it.
     w_eff = torch.where(w > 1.0, torch.sqrt(torch.clamp(w**2 - 4.0 * _TENT_VARIANCE, min=1e-12)), 0.0)
-    taps = int(min(_MAX_TAPS, max(1, math.ceil(3.0 * float(w_eff.max())))))
-    offsets = (torch.arange(taps, dtype=torch.float64, device=device) + 0.5) / taps * 3.0 - 1.5
-    weights = _quadratic_bspline(offsets) if taps > 1 else torch.ones(1, dtype=torch.float64, device=device)
-    weights = (weights / weights.sum()).to(torch.float32)
+    # Taps per axis for each face: spacing <= 1 source pixel over the filter's 3 w support.
+    face_taps = torch.clamp(torch.ceil(3.0 * w_eff), 1, _MAX_TAPS).to(torch.int64)
 
     # Chip pixel centres (pixel-edge convention: pixel j spans [j, j+1)) mapped into each photo.
     centre = torch.arange(size, dtype=torch.float64, device=device) + 0.5
     cy, cx = torch.meshgrid(centre, centre, indexing="ij")
     chip_xy = torch.stack([cx, cy], dim=-1).reshape(1, -1, 2)
     src = torch.einsum("nij,npj->npi", inv, chip_xy.expand(n, -1, -1)) + inv_t[:, None, :]  # (n, S*S, 2)
-    # The filter runs along the photo's axes (cv2 area-resizes on the photo's grid).
-    tap = offsets[None, :] * w_eff[:, None]  # (n, k) source-pixel offsets
-    photo_top, photo_w, photo_h = top[owner], dims[owner, 0], dims[owner, 1]
+    # float32 from here: a canvas of 64 photos of 1024 rows still places taps to ~0.004 px.
+    src = src.to(torch.float32)
+    photo_top, photo_w, photo_h = (v.to(torch.float32) for v in (top[owner], dims[owner, 0], dims[owner, 1]))
     canvas_h = canvas.shape[2]
     pixels = size * size
     out = torch.empty((n, channels, pixels), dtype=torch.float32, device=device)
-    per_call = max(1, _SAMPLES_PER_CALL // (pixels * taps))
-    for lo in range(0, n, per_call):
-        faces = slice(lo, min(n, lo + per_call))
-        m = faces.stop - faces.start
-        xs = src[faces, :, None, 0] + tap[faces, None, :]  # (m, S*S, k)
-        # A tap more than half a pixel outside its photo reads only zeros there (cv2's black
-        # border); sent off the canvas, it reads grid_sample's zero padding instead of a neighbour.
-        x_out = (xs <= -0.5) | (xs >= photo_w[faces, None, None] + 0.5)
-        # grid_sample, align_corners=False: -1 and +1 are the outer edges of the canvas.
-        gx = torch.where(x_out, -2.0, xs * (2.0 / canvas_w) - 1.0).to(torch.float32)
-        acc = torch.zeros((channels, m * pixels), dtype=torch.float32, device=device)
-        for i in range(taps):
-            ys = src[faces, :, None, 1] + tap[faces, i, None, None]  # (m, S*S, 1)
-            y_out = (ys <= -0.5) | (ys >= photo_h[faces, None, None] + 0.5)
-            gy = torch.where(y_out, -2.0, (ys + photo_top[faces, None, None]) * (2.0 / canvas_h) - 1.0)
-            grid = torch.stack([gx, gy.to(torch.float32).expand_as(gx)], dim=-1).reshape(1, m * pixels, taps, 2)
-            sample = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            acc += weights[i] * (sample[0] @ weights)  # (C, m*S*S): one row of taps, weighted
-        out[faces] = acc.reshape(channels, m, pixels).permute(1, 0, 2)
+    # Faces are grouped by their tap count (a handful of groups), so a small face does not pay for
+    # the biggest one in its batch and a face's chip does not depend on its batch-mates.
+    for taps in torch.unique(face_taps).tolist():
+        group = (face_taps == taps).nonzero(as_tuple=True)[0]
+        offsets = (torch.arange(taps, dtype=torch.float64, device=device) + 0.5) / taps * 3.0 - 1.5
+        weights = _quadratic_bspline(offsets) if taps > 1 else torch.ones(1, dtype=torch.float64, device=device)
+        weights = (weights / weights.sum()).to(torch.float32)
+        # The filter runs along the photo's axes (cv2 area-resizes on the photo's grid).
+        tap = (offsets[None, :] * w_eff[group, None]).to(torch.float32)  # (g, k) source-pixel offsets
+        per_call = max(1, _SAMPLES_PER_CALL // (pixels * taps))
+        for lo in range(0, group.numel(), per_call):
+            part = slice(lo, min(group.numel(), lo + per_call))
+            faces = group[part]
+            m = faces.numel()
+            xs = src[faces, :, None, 0] + tap[part, None, :]  # (m, S*S, k)
+            # A tap more than half a pixel outside its photo reads only zeros there (cv2's black
+            # border); sent off the canvas, it reads grid_sample's zero padding, not a neighbour.
+            x_out = (xs <= -0.5) | (xs >= photo_w[faces, None, None] + 0.5)
+            # grid_sample, align_corners=False: -1 and +1 are the outer edges of the canvas.
+            gx = torch.where(x_out, -2.0, xs * (2.0 / canvas_w) - 1.0)
+            acc = torch.zeros((channels, m * pixels), dtype=torch.float32, device=device)
+            for i in range(taps):
+                ys = src[faces, :, None, 1] + tap[part, i, None, None]  # (m, S*S, 1)
+                y_out = (ys <= -0.5) | (ys >= photo_h[faces, None, None] + 0.5)
+                gy = torch.where(y_out, -2.0, (ys + photo_top[faces, None, None]) * (2.0 / canvas_h) - 1.0)
+                grid = torch.stack([gx, gy.expand_as(gx)], dim=-1).reshape(1, m * pixels, taps, 2)
+                sample = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+                acc += weights[i] * (sample[0] @ weights)  # (C, m*S*S): one row of taps, weighted
+            out[faces] = acc.reshape(channels, m, pixels).permute(1, 0, 2)
     chips = out.reshape(n, channels, size, size).permute(0, 2, 3, 1)
     chips = chips.round_().clamp_(0, 255).to(torch.uint8)
     return chips[..., 0].contiguous() if grey else chips.contiguous()
