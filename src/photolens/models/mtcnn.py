@@ -376,7 +376,8 @@ def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, ov
     inter = (rb - lt).clamp_min(0).prod(dim=2)
     smaller = torch.minimum(area[:, None], area[None, :]).clamp_min(1e-9)
     # suppress[j, i]: j comes before i in score order, is in i's image and overlaps it enough.
-    earlier = torch.ones((n, n), dtype=torch.bool, device=boxes.device).triu(diagonal=1)
+    rank = torch.arange(n, device=boxes.device)
+    earlier = rank[:, None] < rank[None, :]
     suppress = (inter / smaller > overlap) & (g[:, None] == g[None, :]) & earlier
     suppress_f = suppress.to(torch.float32)
     keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
