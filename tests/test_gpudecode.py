@@ -271,6 +271,11 @@ def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="metas"):
         decode_on_device([jpeg_bytes()], [], "cpu", 1024)
     assert decode_on_device([], [], "cpu", 1024) == []
+    # A header that disagrees with what the decoder found (120x160) is left to the CPU path.
+    data = jpeg_bytes()
+    assert decode_on_device([data], [{"orientation": 1, "width": 160, "height": 120}], "cpu", 1024)[0] is not None
+    assert decode_on_device([data], [{"orientation": 6, "width": 160, "height": 120}], "cpu", 1024) == [None]
+    assert decode_on_device([data], [{"orientation": 1, "width": 320, "height": 240}], "cpu", 1024) == [None]
     assert DecodeConfig(pixels=False).pixels is False
 
 
