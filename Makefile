@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_stages.py
 	$(PY) bench/bench_index.py
 	$(PY) bench/bench_plan.py
+	$(PY) bench/bench_pipeline.py
 
 clean:
 	rm -rf $(VENV) .photolens build *.egg-info
