@@ -35,6 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
 
+from photolens.jobs.tag import ConfigError
 from photolens.lake.seaweed import LocalS3
 from photolens.lake.storage import reset_s3_settings
 from photolens.models.store import ModelStore, package_folder
@@ -49,7 +50,7 @@ def face_samples_dir() -> Path:
     return Path(os.environ.get("PHOTOLENS_SAMPLES", Path(sys.prefix) / "share" / "photolens" / "samples"))
 
 
-class DemoSetupError(RuntimeError):
+class DemoSetupError(ConfigError):
     """Something the demo needs is not installed; the message says how to install it."""
 
 
