@@ -247,7 +247,7 @@ def test_cli_decode_faces_on_a_declared_gpu_finishes_quietly(tmp_path: Path, mod
     assert report["n_faces"] == 2 and report["n_detections"] == 0
     assert {s["stage"] for s in report["stages"]} == {"fetch", "decode", "faces", "embed", "emotion"}
     assert "photos 3/3 (100%)" in proc.stderr
-    for noise in ("core_worker", "Progress bars disabled", "memory per worker", "memory=", "Traceback"):
+    for noise in ("core_worker", "Progress bars disabled", "memory per worker", "memory=", "experimental", "Traceback"):
         assert noise not in proc.stderr, proc.stderr[-4000:]
     faces = _rows(str(lake), "faces", ("face_id",))
     assert len(faces) == 2 and all(f["passed_gate"] for f in faces)

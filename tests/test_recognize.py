@@ -428,7 +428,9 @@ def test_tag_job_with_every_stage(tmp_path: Path, local_ray: None) -> None:
     assert set(photos) == {"dog.jpg", "kite.jpg", "couple.jpg", "leuvenB.jpg", "broken.jpg"}
     for name in ("dog.jpg", "kite.jpg", "couple.jpg", "leuvenB.jpg"):
         r = photos[name]
-        assert r["status"] == "ok" and r["scene_labels"] and len(r["scene_scores"]) == len(r["scene_labels"])
+        # an empty list where the scene classifier abstains (below its calibrated threshold)
+        assert r["status"] == "ok" and r["scene_labels"] is not None
+        assert len(r["scene_scores"]) == len(r["scene_labels"])
         assert r["landmark_score"] is not None and r["is_private"] is not None
         models = json.loads(r["model_versions"])
         assert set(models) == {"detect", "scene", "landmark", "faces", "embed", "emotion"}

@@ -506,7 +506,7 @@ def plan_pipeline(cfg: TagConfig, model_stages: list[str], cluster: dict[str, fl
     for unit in units:
         name = "models:" + "+".join(model_units(model_stages)) if unit == "models" else unit
         pools[unit] = PoolSpec(model_min, model_max, cpus["model"], cfg.num_gpus if on_gpu else 0.0,
-                               memory=actor_memory(name, batch, on_gpu))
+                               memory=actor_memory(name, batch, on_gpu=device.startswith("cuda")))
     from photolens.udfs.write import write_batch_rows
 
     write_rows = write_batch_rows(cfg.rows_per_file, cfg.target_file_mib)
@@ -678,7 +678,16 @@ def ensure_ray(num_gpus: float = 0.0, num_gpus_node: float | None = None) -> Non
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # ... and then says, once per run, that it disabled them.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # A GPU model actor asks for CPUs too (its MTCNN crops, alignment and JSON run there), which Ray Data
+    # calls experimental for map *tasks* on every run; actors schedule both resources as any Ray actor does.
+    map_log = logging.getLogger("ray.data._internal.execution.operators.map_operator")
+    if _not_mixed_resources_warning not in map_log.filters:
+        map_log.addFilter(_not_mixed_resources_warning)
     _consume_constructor_ref_warning()
+
+
+def _not_mixed_resources_warning(record: Any) -> bool:
+    return not str(record.msg).startswith("Specifying both num_cpus and num_gpus")
 
 
 _CONSTRUCTOR_REF_WARNING_CONSUMED = False

@@ -903,6 +903,15 @@ class RecognizeUDF:
             for i, value in enumerate(batch["jpeg"]):
                 jpeg[i] = _bytes_of(value)
             batch["jpeg"] = jpeg
+        # The decoder fills these in place: text columns must hold str/None (not an all-null column's NaNs),
+        # and the images one array per row (Ray hands equal-shaped images, e.g. all empty, as one ndarray).
+        for name in ("status", "error_code", "error_stage", "error_detail", "format", "taken_at", "phash"):
+            if name in batch:
+                batch[name] = text_column(batch[name], n)
+        images = np.empty(n, dtype=object)
+        for i in range(n):
+            images[i] = batch["image"][i] if "image" in batch else np.zeros((0, 0, 3), dtype=np.uint8)
+        batch["image"] = images
         cpu_cfg = DecodeConfig(working_size=self.config.working_size, time_limit_s=self.config.decode_time_limit_s,
                                pixels=False)
         tensors, out = self._finish_on_device(batch, cpu_cfg, self.config.device)
