@@ -357,25 +357,29 @@ def _crash(reason: str) -> None:
     os._exit(137)
 
 
-# Measured actor memory: peak USS (MiB) of each operator's actors as Ray Data's issue detector reports it
-# (``bench/bench_pipeline.py --actor-memory --photos 16``: every pool requests ~no memory, so the detector
-# names each one's peak), on the 2-core development machine (Python 3.11, torch 2.14 CPU, Ray 2.60), all
-# stages, batches of 16 photos (half 12 MP, half 0.5 MP JPEGs; working size 1024), 2026-12-04. A model actor
-# is a torch worker (``model_base``: the smallest model's actor, mini-Xception, 470 MiB, less its net) plus
-# what its model and a batch's activations add; a fused actor holds every model but runs one stage's
-# activations at a time, and measured 1488 MiB with all six, against 2248 for the sum of the parts.
+# Measured actor memory: peak USS (MiB) of each operator's actors as Ray Data's issue detector reports it,
+# on the 2-core development machine (Python 3.11, torch 2.14 CPU, Ray 2.60), all stages, batches of 16 photos
+# (half 12 MP, half 0.5 MP JPEGs; working size 1024), 2026-12-04. Peaks grow over a run (allocator and
+# oneDNN caches, more image shapes): fetch, decode and the fused actor are from a 96-photo run (``bench/
+# bench_pipeline.py --photos 96``, where the detector named them: 235, 692 and 1798 MiB); the per-stage
+# actors from ``--actor-memory --photos 16`` (every pool requests ~no memory, so the detector names each
+# one's peak), scaled by the fused actor's growth between the two runs (1798 / 1488 = 1.21). A model actor is
+# a torch worker (``model_base``: about the smallest model's actor, mini-Xception, 470 MiB at 16 photos,
+# less its net) plus what its model and a batch's activations add; a fused actor holds every model but runs
+# one stage's activations at a time, so it stays below the sum of the parts (1488 vs 2248 at 16 photos).
+_GROWTH = 1798.0 / 1488.3
 ACTOR_MEMORY_MIB: dict[str, float] = {
-    "fetch": 140.4,
-    "decode": 363.6,
+    "fetch": 234.7,
+    "decode": 692.2,
     "write": 118.2,
-    "model_base": 450.0,
-    "detect": 913.5 - 450.0,
-    "scene": 664.9 - 450.0,
-    "landmark": 824.4 - 450.0,
-    "faces": 1091.4 - 450.0,
-    "embed": 534.2 - 450.0,
-    "emotion": 469.5 - 450.0,
-    "fused_all": 1488.3,
+    "model_base": 450.0 * _GROWTH,
+    "detect": (913.5 - 450.0) * _GROWTH,
+    "scene": (664.9 - 450.0) * _GROWTH,
+    "landmark": (824.4 - 450.0) * _GROWTH,
+    "faces": (1091.4 - 450.0) * _GROWTH,
+    "embed": (534.2 - 450.0) * _GROWTH,
+    "emotion": (469.5 - 450.0) * _GROWTH,
+    "fused_all": 1798.0,
 }
 MEASURED_BATCH = 16
 # Beyond the measured batch of 16 (estimates, not measured): a model batch's working images and CPU
