@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - the tagging job on the embedded default (local Ray, SeaweedFS on 127.0.0.1, Delta in it)
-#   make test   - lint + the whole test suite
+#   make demo   - two tagging nights and the face jobs on the embedded default (local Ray, SeaweedFS on 127.0.0.1)
+#   make test   - lint (ruff, mypy) + the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,9 +30,11 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	RAY_AUTH_MODE=disabled AWS_EC2_METADATA_DISABLED=true $(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -102,11 +102,12 @@ class IndexStore:
         return "/".join([self._root, *parts]) if self._root else "/".join(parts)
 
     def _exists(self, path: str) -> bool:
-        return self._fs.get_file_info(path).type != pafs.FileType.NotFound
+        return bool(self._fs.get_file_info(path).type != pafs.FileType.NotFound)
 
     def _read(self, path: str) -> bytes:
         with self._fs.open_input_stream(path) as f:
-            return f.read()
+            data: bytes = f.read()
+        return data
 
     def _read_json(self, path: str) -> Any:
         return json.loads(self._read(path).decode("utf-8"))
@@ -188,10 +189,12 @@ class IndexStore:
         path = self._path("versions", vid, SIDECAR_FILE)
         if not self._exists(path):
             raise KeyError(f"no complete version {vid!r} under {self.root_uri}")
-        return self._read_json(path)
+        record: dict[str, Any] = self._read_json(path)
+        return record
 
     def sidecar(self, vid: str) -> dict[str, Any]:
-        return self._record(vid)["sidecar"]
+        sidecar: dict[str, Any] = self._record(vid)["sidecar"]
+        return sidecar
 
     def _load_checked(self, vid: str, name: str = INDEX_FILE) -> bytes:
         record = self._record(vid)

@@ -76,7 +76,8 @@ def euclidean_distances(emb: np.ndarray) -> np.ndarray:
     d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
     np.maximum(d2, 0.0, out=d2)  # rounding makes tiny negatives on near-duplicates
     np.fill_diagonal(d2, 0.0)
-    return np.sqrt(d2)
+    dist: np.ndarray = np.sqrt(d2)
+    return dist
 
 
 def rank_order_distances(emb: np.ndarray, k: int = DEFAULT_RANK_ORDER_K, *, block: int = 128) -> np.ndarray:
@@ -124,13 +125,13 @@ def _lance_williams(
 ) -> np.ndarray:
     """Distance from every cluster k to the union of a and b (the forms scipy uses)."""
     if method == "single":
-        return np.minimum(d_ka, d_kb)
+        return np.asarray(np.minimum(d_ka, d_kb))
     if method == "complete":
-        return np.maximum(d_ka, d_kb)
+        return np.asarray(np.maximum(d_ka, d_kb))
     if method == "average":
-        return (n_a * d_ka + n_b * d_kb) / (n_a + n_b)
+        return np.asarray((n_a * d_ka + n_b * d_kb) / (n_a + n_b))
     if method == "weighted":
-        return 0.5 * (d_ka + d_kb)
+        return np.asarray(0.5 * (d_ka + d_kb))
     # The centroid-type rules hold for squared Euclidean distances; clip the rounding negatives.
     if method == "median":
         sq = 0.5 * d_ka**2 + 0.5 * d_kb**2 - 0.25 * d_ab**2

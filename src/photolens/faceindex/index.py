@@ -147,10 +147,11 @@ def default_factory(d: int, compression: float = 8.0) -> str:
 
 
 def serialize(index: faiss.Index) -> bytes:
-    return faiss.serialize_index(index).tobytes()
+    data: bytes = faiss.serialize_index(index).tobytes()
+    return data
 
 
-def deserialize(data: bytes) -> faiss.Index:
+def deserialize(data: bytes | bytearray | memoryview) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 

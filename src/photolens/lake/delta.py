@@ -176,7 +176,9 @@ class KeySet:
             parts = [self.contains(c) for c in values.chunks]
             return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
         if self._strings is not None:
-            return pc.is_in(values.cast(pa.string()), value_set=self._strings).to_numpy(zero_copy_only=False)
+            found: np.ndarray = pc.is_in(values.cast(pa.string()), value_set=self._strings).to_numpy(
+                zero_copy_only=False)
+            return found
         assert self._keys is not None
         if not len(self._keys):
             return np.zeros(len(values), dtype=bool)
@@ -196,7 +198,8 @@ class KeySet:
         assert self._keys is not None
         pos = np.searchsorted(self._keys, keys)
         np.minimum(pos, len(self._keys) - 1, out=pos)
-        return self._keys[pos] == keys
+        hits: np.ndarray = self._keys[pos] == keys
+        return hits
 
 
 def _is_hex32(v: str) -> bool:
@@ -234,7 +237,7 @@ _REWRITE_BATCH = 65_536
 _REWRITE_THREADS = 4
 
 
-def _stats_may_hold(add: dict[str, Any], column: str, value: str) -> bool:
+def _stats_may_hold(add: Mapping[str, Any], column: str, value: str) -> bool:
     """False only when the file's min/max stats of ``column`` exclude ``value`` (no stats: it may)."""
     lo, hi = add.get(f"min.{column}"), add.get(f"max.{column}")
     if lo is None or hi is None:

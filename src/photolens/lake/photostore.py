@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import unquote_plus
 
 import pyarrow as pa
@@ -362,7 +363,7 @@ class PhotoFetcher:
         self._client = None
         self._rng = random.Random()
 
-    def _s3_client(self):
+    def _s3_client(self) -> Any:
         if self._client is None:
             self._client = (self.s3 or s3_settings()).boto3_client(
                 max_attempts=1, connect_timeout=min(10, self.timeout_s), read_timeout=self.timeout_s

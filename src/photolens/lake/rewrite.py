@@ -69,7 +69,8 @@ class ColumnIn:
         if self.column not in body.column_names or not self._sorted:
             return np.zeros(body.num_rows, dtype=bool)
         hit = pc.is_in(body.column(self.column), value_set=pa.array(self._sorted, pa.string()))
-        return pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
+        mask: np.ndarray = pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
+        return mask
 
     def may_match(self, add: Mapping[str, Any]) -> bool:
         if not self._sorted:

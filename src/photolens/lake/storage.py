@@ -167,7 +167,8 @@ def read_bytes(uri: str, s3: S3Settings | None = None) -> bytes:
     fs, path = filesystem_for(uri, s3)
     # compression=None: the raw bytes, even for a .gz name (pyarrow would otherwise inflate it silently).
     with fs.open_input_stream(path, compression=None) as f:
-        return f.read()
+        data: bytes = f.read()
+    return data
 
 
 def write_bytes_atomic(uri: str, data: bytes, s3: S3Settings | None = None) -> None:
@@ -192,7 +193,7 @@ def write_bytes_atomic(uri: str, data: bytes, s3: S3Settings | None = None) -> N
 
 def exists(uri: str, s3: S3Settings | None = None) -> bool:
     fs, path = filesystem_for(uri, s3)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 # ---------------------------------------------------------------------------------------------- conditional I/O
