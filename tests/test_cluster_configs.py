@@ -364,9 +364,11 @@ def test_nightly_entrypoint_fits_the_gpu_group() -> None:
     assert cfg.model_store == "/models", "the nightly reads the store baked into the image"
     assert cfg.run_id == "nightly-yyyymmdd", "the run id is the night's date: re-submitting it is a no-op"
     assert "yyyy-mm-dd" in (cfg.manifest or "")
-    # Each model stage runs its own actor pool of up to max_actors actors, each holding num_gpus.
+    # On GPUs the model stages run fused in one pool of up to max_actors actors, each holding num_gpus;
+    # with separate pools each stage holds its own.
     model_stages = [s for s in cfg.stages if s in MODEL_STAGES]
-    wanted = len(model_stages) * cfg.max_actors * cfg.num_gpus
+    pools = len(model_stages) if cfg.model_pools == "separate" else 1
+    wanted = pools * cfg.max_actors * cfg.num_gpus
     available = gpu["maxReplicas"] * int(gpu["rayStartParams"]["num-gpus"])
     assert 0 < wanted <= available, f"GPU stages want {wanted} GPUs, the group has {available}"
 

@@ -6,7 +6,8 @@ the ``face_recognition==1.3.0`` source archive) plus a few deliberately broken f
 then, all inside that store:
 
 1. night 1: the tagging job (objects, scenes, faces into the restricted root) and two DuckDB queries;
-2. owner templates from the profile photos, the friend graph, the OPQ face index (published);
+2. owner templates from the profile photos, the friend graph, the face index (published; an exact index
+   until enough vectors train OPQ);
 3. ``forget`` of one user (joe) everywhere, tables and index versions, and its receipt;
 4. night 2: a group photo of barack and joe arrives; the tagging job embeds its faces, ``suggest`` ranks the
    uploader's friends for each face and verifies the best one on the uncompressed template: barack is
@@ -276,14 +277,6 @@ def _import_friends(lake_uri: str, folder: Path) -> dict[str, Any]:
     return import_friends(FriendsConfig(lake=lake_uri, source=str(path), format="csv"))
 
 
-def _training_padding(n: int) -> Any:
-    """Seeded synthetic unit vectors for the codec's training pool only (never indexed): one 8-bit codebook
-    needs 256 training vectors and the demo has a dozen faces."""
-    from photolens.faceindex.synthetic import make_identities
-
-    return make_identities(max(1, n // 3), 3, seed=11).embeddings
-
-
 def face_journey(lake_uri: str, index_store: str, photos: PhotoStore, tag: Any, workdir: Path) -> dict[str, Any]:
     """Templates -> friends -> index -> forget joe -> night 2 with a group photo -> suggestions."""
     from photolens.jobs.forget import ForgetConfig, forget_user
@@ -305,13 +298,13 @@ def face_journey(lake_uri: str, index_store: str, photos: PhotoStore, tag: Any, 
         print(f"  {r['user_id']:<7} {r['n_profile_photos']} profile photos -> {state}")
     f = _import_friends(lake_uri, workdir)
     print(f"friends import: {f['pairs_added']} pairs (" + ", ".join(f"{a}-{b}" for a, b in FRIENDS) + ")")
-    padding = _training_padding(300)
     built = build_face_index(IndexBuildConfig(lake=lake_uri, index_store=index_store, publish=True,
-                                              run_id="demo-index", n_eval_queries=50), extra_training=padding)
+                                              run_id="demo-index", n_eval_queries=50))
     side = built["sidecar"]
+    # A new deployment with a few users has fewer vectors than an 8-bit codec trains on: the build keeps an
+    # exact index until the next build with enough vectors trains OPQ.
     print(f"face index {built['version']} (published): {side.get('n')} template vectors of "
-          f"{side.get('n_users')} users, {side.get('factory')}; codec trained with {len(padding)} synthetic "
-          "padding vectors (training only, never indexed)")
+          f"{side.get('n_users')} users, kind {side.get('kind')} ({side.get('flat_reason') or side.get('factory')})")
 
     receipt = forget_user(ForgetConfig(user=FORGET_USER, lake=lake_uri, index_store=index_store))
     deleted = {name: t["rows_deleted"] for name, t in receipt["tables"].items() if t["rows_deleted"]}
