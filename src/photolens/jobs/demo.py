@@ -335,7 +335,7 @@ def face_journey(lake_uri: str, index_store: str, photos: PhotoStore, tag: Any, 
     for side_name, r in zip(("left", "right"), on_group, strict=False):
         cands = ", ".join(f"{c} {d:.2f}" for c, d in zip(r["candidates"], r["distances"], strict=True))
         verdict = f"verified {r['verified_user_id']}" if r["verified"] else "not verified"
-        print(f"  face on the {side_name}: candidates (nearest first, PQ distance) [{cands}] -> {verdict} "
+        print(f"  face on the {side_name}: candidates (nearest first, index distance) [{cands}] -> {verdict} "
               f"(exact distance {r['verify_distance']:.3f})")
     return {"group_photo_id": group_id, "group_suggestions": on_group, "suggest": s, "receipt": receipt,
             "templates": rows}
