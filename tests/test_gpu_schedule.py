@@ -254,3 +254,16 @@ def test_cli_decode_faces_on_a_declared_gpu_finishes_quietly(tmp_path: Path, mod
     photos_rows = {Path(r["uri"]).name: r for r in _rows(str(lake), "photos", ("photo_id",))}
     assert photos_rows["couple.jpg"]["is_private"] is True and photos_rows["dog.jpg"]["n_faces"] == 0
     assert photos_rows["broken.jpg"]["error_code"] == "TRUNCATED"
+
+
+def test_fused_cpu_actors_share_the_node_cores_as_torch_threads() -> None:
+    one = plan_pipeline(TagConfig(photos="/p", lake="/l", max_actors=1), ALL, _cluster(2), local=True)
+    two = plan_pipeline(TagConfig(photos="/p", lake="/l", max_actors=2), ALL, _cluster(2), local=True)
+    # the fused actor's CPU request is shrunk below one CPU beside fetch, decode and write ...
+    assert one.pools["models"].num_cpus < 1.0
+    # ... but a single fused actor still runs torch on both cores; two split them
+    assert (one.model_threads, two.model_threads) == (2, 1)
+    separate = plan_pipeline(TagConfig(photos="/p", lake="/l", model_pools="separate"), ALL, _cluster(2), local=True)
+    gpu = plan_pipeline(TagConfig(photos="/p", lake="/l", num_gpus=1.0), ALL, _cluster(16, gpus=1), local=True)
+    remote = plan_pipeline(TagConfig(photos="/p", lake="/l", max_actors=1), ALL, _cluster(64), local=False)
+    assert separate.model_threads is gpu.model_threads is remote.model_threads is None

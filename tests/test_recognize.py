@@ -533,6 +533,8 @@ def test_fused_stage_configuration_fails_on_the_driver(store_uri: str) -> None:
         RecognizeConfig(stages=())
     with pytest.raises(ValueError, match="batch_size"):
         RecognizeConfig(stages=("faces",), batch_size=0)
+    with pytest.raises(ValueError, match="num_threads"):
+        RecognizeConfig(stages=("faces",), num_threads=0)
     with pytest.raises(ModelStoreError):
         RecognizeUDF(RecognizeConfig(stages=("scene",), model_store=store_uri + "-missing"))
 

@@ -427,6 +427,8 @@ class PipelineLayout:
     model_batch_size: int
     device: str
     notes: tuple[str, ...] = ()
+    # torch threads per fused CPU model actor; None: each actor's Ray CPUs, rounded up.
+    model_threads: int | None = None
 
 
 def model_units(model_stages: list[str]) -> list[str]:
@@ -516,7 +518,12 @@ def plan_pipeline(cfg: TagConfig, model_stages: list[str], cluster: dict[str, fl
     write_rows = write_batch_rows(cfg.rows_per_file, cfg.target_file_mib)
     pools["write"] = PoolSpec(1, cfg.max_actors, cpus["io"], memory=actor_memory("write", write_rows))
     pools = fit_memory(pools, node_memory if node_memory is not None else cluster.get("memory"))
-    return PipelineLayout(pools, fused, tuple(units), batch, device, tuple(notes))
+    threads = None
+    if fused and local and not device.startswith("cuda"):
+        # fit_cpus shrinks the model request below one CPU on a small node (one thread under Ray), but
+        # fetch and decode are short or waiting on I/O: the fused actors share the node's cores.
+        threads = max(int(float(cluster.get("CPU", 1.0)) // max(model_max, 1)), 1)
+    return PipelineLayout(pools, fused, tuple(units), batch, device, tuple(notes), threads)
 
 
 def fit_memory(pools: dict[str, PoolSpec], memory: float | None) -> dict[str, PoolSpec]:
@@ -606,7 +613,8 @@ def build_dataset(cfg: TagConfig, plan: Plan, run_id: str, run_date: str, lake: 
                                       s3=s3_for_workers, options=recognize_options(cfg),
                                       batch_size=layout.model_batch_size, gpu_decode=cfg.gpu_decode,
                                       working_size=cfg.decode_working_size,
-                                      decode_time_limit_s=cfg.decode_time_limit_s)
+                                      decode_time_limit_s=cfg.decode_time_limit_s,
+                                      num_threads=layout.model_threads)
             ds = ds.map_batches(RecognizeUDF, fn_constructor_kwargs={"config": rec_cfg},
                                 batch_size=layout.model_batch_size, **compute("models"), **extra)
         else:

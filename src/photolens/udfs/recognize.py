@@ -26,6 +26,7 @@ seconds column, model column and per-row failure isolation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -836,6 +837,8 @@ class RecognizeConfig:
     gpu_decode: bool = False
     working_size: int = 1024
     decode_time_limit_s: float | None = 10.0
+    # torch intra-op threads on a CPU device; None: the CPUs Ray assigned this actor, rounded up.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         required_models(self.stages, self.options)  # unknown stage names fail here, on the driver
@@ -843,7 +846,37 @@ class RecognizeConfig:
             raise ValueError("RecognizeConfig needs at least one model stage")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         torch.device(self.device)
+
+
+def _assigned_cpus() -> float | None:
+    """CPUs Ray assigned the current actor (None outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)) or None
+
+
+def _use_cpu_threads(num_threads: int | None) -> int:
+    """torch's intra-op threads for this actor: ``num_threads``, else its Ray CPUs rounded up (>= 1).
+
+    Ray sets ``OMP_NUM_THREADS`` from the actor's CPU request, and a fractional request (what small
+    clusters give after :func:`photolens.jobs.tag.fit_cpus`) becomes one thread: the fused model actor
+    would leave cores idle that fetch and decode (short, mostly I/O) do not use.
+    """
+    n = num_threads if num_threads is not None else max(math.ceil((_assigned_cpus() or 1.0) - 1e-9), 1)
+    torch.set_num_threads(n)
+    # Interop threads can only be set before the first parallel op of the process; a reused worker
+    # keeps its first setting, which is harmless.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(n)
+    cv2.setNumThreads(n)
+    return n
 
 
 class RecognizeUDF:
@@ -857,6 +890,8 @@ class RecognizeUDF:
 
     def __init__(self, config: RecognizeConfig) -> None:
         self.config = config
+        if torch.device(config.device).type == "cpu":
+            _use_cpu_threads(config.num_threads)
         self.stages: list[_ModelUDF] = [
             cls(cfg) for cls, cfg in stage_udfs(config.stages, config.model_store, config.device, config.s3,
                                                 config.options, batch_size=config.batch_size)
