@@ -852,12 +852,15 @@ class RecognizeConfig:
 
 
 def _assigned_cpus() -> float | None:
-    """CPUs Ray assigned the current actor (None outside Ray)."""
+    """CPUs Ray assigned the current actor (None outside a Ray worker, e.g. on a driver with Ray running)."""
     try:
         import ray
     except ImportError:
         return None
     if not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    if ctx.worker.mode != ray.WORKER_MODE:
         return None
     return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)) or None
 
